@@ -1,0 +1,2 @@
+/* placeholder, being written */
+typedef int tally_placeholder_dead_letter;
