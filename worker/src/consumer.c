@@ -1,2 +1,852 @@
-/* placeholder, being written */
-typedef int tally_placeholder_consumer;
+/* The token-usage consumer: poll loop, rebalances, batching, commits. */
+#include "consumer.h"
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "batch.h"
+#include "log.h"
+#include "metrics.h"
+#include "usage_event.h"
+
+#define BACKOFF_MIN_MS 1000
+#define BACKOFF_MAX_MS 60000
+#define FENCE_RETRY_MS 30000   /* re-claim a fenced partition after this */
+#define ENUM_REFRESH_MS 10000  /* re-read enums on an unknown value */
+#define DLQ_FLUSH_MS 30000
+#define PROGRESS_MS 10000
+
+/* Where a partition stands. */
+typedef enum {
+    PART_CLAIMING, /* paused: its position must be read from Postgres */
+    PART_ACTIVE,   /* consuming from `next` */
+    PART_FENCED,   /* another member claimed it: paused until revoked */
+} part_state_t;
+
+typedef struct {
+    bool assigned;
+    part_state_t state;
+    int64_t epoch;     /* our claim's fencing token */
+    int64_t committed; /* next offset per Postgres (or a logical offset) */
+    int64_t next;      /* next offset to process */
+    bool in_batch;     /* has messages in the open batch */
+    int64_t fenced_at_ms;
+} part_t;
+
+typedef struct {
+    metric_t *messages, *counted, *dup_batch, *dup_store, *conflicts;
+    metric_t *dead_letters[USAGE_ERR__COUNT];
+    metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
+    metric_t *commit_us, *skipped;
+} consumer_metrics_t;
+
+typedef struct {
+    const consumer_conf_t *conf;
+    rd_kafka_t *rk;
+    part_t *parts;
+    int32_t n_parts;
+    batch_t *batch;
+    size_t batch_msgs, batch_bytes, batch_dlq;
+    int64_t batch_opened_ms;
+    int64_t pg_retry_at_ms;
+    int pg_backoff_ms;
+    bool pg_down_logged;
+    usage_enum_t token_types, operations;
+    int64_t enums_read_ms;
+    int64_t last_prune_ms;
+    bool fatal;
+    char fatal_error[512];
+    consumer_metrics_t m;
+    /* progress */
+    int64_t progress_ms;
+    int64_t progress_counted;
+} consumer_t;
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void consumer_metrics_init(consumer_metrics_t *m)
+{
+    static char labels[USAGE_ERR__COUNT][64];
+    m->messages = metrics_counter("tally_usage_messages_total", NULL,
+                                  "token-usage messages consumed");
+    m->counted = metrics_counter("tally_usage_events_counted_total", NULL,
+                                 "events counted into the sums");
+    m->dup_batch = metrics_counter(
+        "tally_usage_duplicates_total", "where=\"batch\"",
+        "duplicate events dropped (same tenant and idempotency key)");
+    m->dup_store = metrics_counter("tally_usage_duplicates_total",
+                                   "where=\"store\"", NULL);
+    m->conflicts = metrics_counter(
+        "tally_usage_conflicts_total", NULL,
+        "duplicates whose payload differed from the first (first wins)");
+    for (int r = 1; r < USAGE_ERR__COUNT; r++) {
+        snprintf(labels[r], sizeof(labels[r]), "reason=\"%s\"",
+                 usage_reason_code((usage_reason_t)r));
+        m->dead_letters[r] = metrics_counter(
+            "tally_usage_dead_letters_total", labels[r],
+            "messages sent to the dead-letter topic, by reason");
+    }
+    m->batches = metrics_counter("tally_usage_batches_total", NULL,
+                                 "batches committed to Postgres");
+    m->batch_failures = metrics_counter(
+        "tally_usage_batch_failures_total", NULL,
+        "batches abandoned (Postgres or dead-letter failure, fencing)");
+    m->fenced = metrics_counter(
+        "tally_usage_fenced_total", NULL,
+        "commits refused because another member claimed a partition");
+    m->pg_up = metrics_gauge("tally_postgres_up", NULL,
+                             "1 when the Postgres connection works");
+    m->assigned = metrics_gauge("tally_usage_partitions_assigned", NULL,
+                                "token-usage partitions assigned");
+    m->commit_us = metrics_counter(
+        "tally_usage_commit_seconds_micros_total", NULL,
+        "time spent committing batches to Postgres, in microseconds");
+    m->skipped = metrics_counter(
+        "tally_usage_messages_skipped_total", NULL,
+        "messages of paused partitions, fetched again later");
+}
+
+/* ---------------------------------------------------------------- */
+/* Partitions                                                         */
+
+static part_t *consumer_part(consumer_t *c, int32_t partition)
+{
+    if (partition < 0)
+        return NULL;
+    if (partition >= c->n_parts) {
+        int32_t n = partition + 1;
+        part_t *p = realloc(c->parts, (size_t)n * sizeof(*p));
+        if (!p)
+            abort();
+        memset(p + c->n_parts, 0, (size_t)(n - c->n_parts) * sizeof(*p));
+        c->parts = p;
+        c->n_parts = n;
+    }
+    return &c->parts[partition];
+}
+
+static int64_t consumer_start_offset(const consumer_t *c)
+{
+    return strcmp(c->conf->start_from, "latest") == 0
+               ? RD_KAFKA_OFFSET_END
+               : RD_KAFKA_OFFSET_BEGINNING;
+}
+
+static void consumer_update_assigned_gauge(consumer_t *c)
+{
+    int64_t n = 0;
+    for (int32_t i = 0; i < c->n_parts; i++)
+        n += c->parts[i].assigned;
+    metric_set(c->m.assigned, n);
+}
+
+/* Pauses the partitions in state `state`, e.g. after a failed batch. */
+static void consumer_pause_state(consumer_t *c, part_state_t state)
+{
+    rd_kafka_topic_partition_list_t *l =
+        rd_kafka_topic_partition_list_new(c->n_parts);
+    for (int32_t i = 0; i < c->n_parts; i++)
+        if (c->parts[i].assigned && c->parts[i].state == state)
+            rd_kafka_topic_partition_list_add(l, c->conf->topic, i);
+    if (l->cnt > 0)
+        rd_kafka_pause_partitions(c->rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* ---------------------------------------------------------------- */
+/* Postgres availability                                              */
+
+static void consumer_pg_failed(consumer_t *c, const char *what,
+                               const char *error)
+{
+    int64_t t = now_ms();
+    log_warn("%s: %s; retrying in %d s", what, error, c->pg_backoff_ms / 1000);
+    c->pg_retry_at_ms = t + c->pg_backoff_ms;
+    c->pg_backoff_ms *= 2;
+    if (c->pg_backoff_ms > BACKOFF_MAX_MS)
+        c->pg_backoff_ms = BACKOFF_MAX_MS;
+    metric_set(c->m.pg_up, store_is_connected(c->conf->store));
+}
+
+/* True when Postgres can be used now; reconnects at most once per backoff
+ * step. */
+static bool consumer_pg_ready(consumer_t *c)
+{
+    char err[512];
+    if (store_is_connected(c->conf->store) &&
+        now_ms() >= c->pg_retry_at_ms)
+        return true;
+    if (now_ms() < c->pg_retry_at_ms)
+        return false;
+    if (store_connect(c->conf->store, err, sizeof(err)) == -1) {
+        consumer_pg_failed(c, "postgres unavailable", err);
+        c->pg_down_logged = true;
+        return false;
+    }
+    if (c->pg_down_logged)
+        log_info("postgres connection restored");
+    c->pg_down_logged = false;
+    c->pg_backoff_ms = BACKOFF_MIN_MS;
+    metric_set(c->m.pg_up, 1);
+    return true;
+}
+
+static void consumer_pg_ok(consumer_t *c)
+{
+    c->pg_backoff_ms = BACKOFF_MIN_MS;
+    c->pg_retry_at_ms = 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Claims: positions come from Postgres, never from Kafka              */
+
+/* Claims the partitions of `l` (all in state CLAIMING) and sets their
+ * offsets in `l` to where to resume. Returns 0, or -1 (Postgres down or
+ * failed; they stay CLAIMING). */
+static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
+{
+    store_position_t *pos;
+    char err[512];
+    int rc = -1;
+
+    if (l->cnt == 0)
+        return 0;
+    if (!consumer_pg_ready(c))
+        return -1;
+    pos = calloc((size_t)l->cnt, sizeof(*pos));
+    if (!pos)
+        abort();
+    for (int i = 0; i < l->cnt; i++) {
+        pos[i].topic = c->conf->topic;
+        pos[i].partition = l->elems[i].partition;
+    }
+    if (store_claim(c->conf->store, pos, (size_t)l->cnt, err, sizeof(err)) !=
+        STORE_OK) {
+        consumer_pg_failed(c, "cannot claim partitions", err);
+        goto out;
+    }
+    consumer_pg_ok(c);
+    for (int i = 0; i < l->cnt; i++) {
+        part_t *p = consumer_part(c, pos[i].partition);
+        p->epoch = pos[i].epoch;
+        p->committed = pos[i].next_offset >= 0 ? pos[i].next_offset
+                                               : consumer_start_offset(c);
+        p->next = pos[i].next_offset >= 0 ? pos[i].next_offset : 0;
+        p->state = PART_ACTIVE;
+        p->in_batch = false;
+        l->elems[i].offset = p->committed;
+        if (pos[i].next_offset >= 0)
+            log_info("%s [%" PRId32 "]: claimed (epoch %" PRId64
+                     "), resuming at offset %" PRId64,
+                     c->conf->topic, pos[i].partition, pos[i].epoch,
+                     pos[i].next_offset);
+        else
+            log_info("%s [%" PRId32 "]: claimed (epoch %" PRId64
+                     "), no stored position: starting at the %s offset",
+                     c->conf->topic, pos[i].partition, pos[i].epoch,
+                     c->conf->start_from);
+    }
+    rc = 0;
+out:
+    free(pos);
+    return rc;
+}
+
+/* Claims the paused partitions that wait for a position (and fenced ones
+ * still assigned after FENCE_RETRY_MS), seeks them there and resumes. */
+static void consumer_claim_pending(consumer_t *c)
+{
+    rd_kafka_topic_partition_list_t *l;
+    rd_kafka_error_t *error;
+    int64_t t = now_ms();
+
+    for (int32_t i = 0; i < c->n_parts; i++) {
+        part_t *p = &c->parts[i];
+        if (p->assigned && p->state == PART_FENCED &&
+            t - p->fenced_at_ms >= FENCE_RETRY_MS) {
+            log_info("%s [%" PRId32 "]: still assigned to us after being "
+                     "fenced; claiming it again",
+                     c->conf->topic, i);
+            p->state = PART_CLAIMING;
+        }
+    }
+    l = rd_kafka_topic_partition_list_new(4);
+    for (int32_t i = 0; i < c->n_parts; i++)
+        if (c->parts[i].assigned && c->parts[i].state == PART_CLAIMING)
+            rd_kafka_topic_partition_list_add(l, c->conf->topic, i);
+    if (l->cnt == 0 || consumer_claim(c, l) == -1)
+        goto out;
+    error = rd_kafka_seek_partitions(c->rk, l, 10000);
+    if (error) {
+        log_warn("seek after claim failed: %s; claiming again",
+                 rd_kafka_error_string(error));
+        rd_kafka_error_destroy(error);
+        for (int i = 0; i < l->cnt; i++)
+            consumer_part(c, l->elems[i].partition)->state = PART_CLAIMING;
+        goto out;
+    }
+    for (int i = 0; i < l->cnt; i++) {
+        if (l->elems[i].err) {
+            log_warn("%s [%" PRId32 "]: seek failed: %s; claiming again",
+                     c->conf->topic, l->elems[i].partition,
+                     rd_kafka_err2str(l->elems[i].err));
+            consumer_part(c, l->elems[i].partition)->state = PART_CLAIMING;
+        }
+    }
+    rd_kafka_resume_partitions(c->rk, l);
+    /* Those whose seek failed go back to paused. */
+    consumer_pause_state(c, PART_CLAIMING);
+out:
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* ---------------------------------------------------------------- */
+/* Batches                                                            */
+
+static void consumer_reset_batch(consumer_t *c)
+{
+    batch_clear(c->batch);
+    c->batch_msgs = 0;
+    c->batch_bytes = 0;
+    c->batch_dlq = 0;
+    for (int32_t i = 0; i < c->n_parts; i++)
+        c->parts[i].in_batch = false;
+}
+
+/* Drops the open batch: nothing of it is committed, so every active
+ * partition goes back to its Postgres position (claimed again, which also
+ * settles a commit whose outcome we did not learn). */
+static void consumer_abandon_batch(consumer_t *c, const char *why)
+{
+    int n = 0;
+    if (c->batch_msgs > 0) {
+        log_warn("batch of %zu messages abandoned (%s); they will be "
+                 "consumed again from the positions in Postgres",
+                 c->batch_msgs, why);
+        metric_add(c->m.batch_failures, 1);
+    }
+    consumer_reset_batch(c);
+    for (int32_t i = 0; i < c->n_parts; i++) {
+        part_t *p = &c->parts[i];
+        if (p->assigned && p->state == PART_ACTIVE) {
+            p->state = PART_CLAIMING;
+            n++;
+        }
+    }
+    if (n > 0)
+        consumer_pause_state(c, PART_CLAIMING);
+}
+
+static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
+                                  size_t n, bool sync)
+{
+    rd_kafka_topic_partition_list_t *l =
+        rd_kafka_topic_partition_list_new((int)n);
+    rd_kafka_resp_err_t err;
+
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_topic_partition_list_add(l, pos[i].topic,
+                                          pos[i].partition)
+            ->offset = pos[i].next_offset;
+    /* Postgres is the source of truth; this is for lag tools only. */
+    err = rd_kafka_commit(c->rk, l, sync ? 0 : 1);
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Commits the open batch: dead letters acknowledged first, then one
+ * Postgres transaction with the events, sums and positions. On any
+ * failure the batch is abandoned. Returns 0 or -1. */
+static int consumer_commit_batch(consumer_t *c, bool sync)
+{
+    store_position_t *pos = NULL;
+    store_batch_result_t res;
+    char err[512];
+    size_t n = 0;
+    int64_t t0;
+    store_status_t st;
+    int rc = -1;
+
+    if (c->batch_msgs == 0)
+        return 0;
+    if (c->batch_dlq > 0 &&
+        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) ==
+            -1) {
+        consumer_abandon_batch(c, err);
+        return -1;
+    }
+    if (!consumer_pg_ready(c)) {
+        consumer_abandon_batch(c, "postgres unavailable");
+        return -1;
+    }
+    pos = calloc((size_t)c->n_parts, sizeof(*pos));
+    if (!pos)
+        abort();
+    for (int32_t i = 0; i < c->n_parts; i++) {
+        part_t *p = &c->parts[i];
+        if (!p->in_batch)
+            continue;
+        pos[n].topic = c->conf->topic;
+        pos[n].partition = i;
+        pos[n].next_offset = p->next;
+        pos[n].epoch = p->epoch;
+        n++;
+    }
+    t0 = now_us();
+    st = store_commit_batch(c->conf->store, c->batch, pos, n, &res, err,
+                            sizeof(err));
+    if (st == STORE_FENCED) {
+        for (size_t i = 0; i < n; i++) {
+            part_t *p;
+            if (!pos[i].fenced)
+                continue;
+            p = consumer_part(c, pos[i].partition);
+            p->state = PART_FENCED;
+            p->fenced_at_ms = now_ms();
+            log_warn("%s [%" PRId32 "]: fenced: another member claimed it "
+                     "(epoch %" PRId64 " is no longer current); not "
+                     "committing, pausing until the group settles",
+                     c->conf->topic, pos[i].partition, pos[i].epoch);
+        }
+        metric_add(c->m.fenced, 1);
+        consumer_pause_state(c, PART_FENCED);
+        consumer_abandon_batch(c, "fenced");
+        goto out;
+    }
+    if (st != STORE_OK) {
+        consumer_pg_failed(c, "postgres commit failed", err);
+        consumer_abandon_batch(c, "postgres commit failed");
+        goto out;
+    }
+    consumer_pg_ok(c);
+    metric_add(c->m.commit_us, (uint64_t)(now_us() - t0));
+    metric_add(c->m.batches, 1);
+    metric_add(c->m.counted, res.counted);
+    metric_add(c->m.dup_store, res.counted_before);
+    metric_add(c->m.conflicts, res.conflicts);
+    log_debug("batch committed: %zu messages, %zu counted, %zu counted "
+              "before, %zu buckets, %zu dead letters, %.1f ms",
+              c->batch_msgs, res.counted, res.counted_before, res.buckets,
+              c->batch_dlq, (double)(now_us() - t0) / 1000.0);
+    for (size_t i = 0; i < n; i++)
+        consumer_part(c, pos[i].partition)->committed = pos[i].next_offset;
+    consumer_commit_kafka(c, pos, n, sync);
+    consumer_reset_batch(c);
+    rc = 0;
+out:
+    free(pos);
+    return rc;
+}
+
+static bool consumer_batch_due(const consumer_t *c)
+{
+    if (c->batch_msgs == 0)
+        return false;
+    return batch_is_full(c->batch) || c->batch_msgs >= c->conf->batch_size ||
+           c->batch_bytes >= c->conf->batch_bytes ||
+           now_ms() - c->batch_opened_ms >= c->conf->batch_ms;
+}
+
+/* ---------------------------------------------------------------- */
+/* Messages                                                           */
+
+static void consumer_refresh_enums(consumer_t *c)
+{
+    char err[512];
+    usage_enum_t tt, ops;
+    c->enums_read_ms = now_ms();
+    if (!consumer_pg_ready(c))
+        return;
+    if (store_read_enums(c->conf->store, &tt, &ops, err, sizeof(err)) ==
+        -1) {
+        log_warn("cannot re-read enums: %s", err);
+        return;
+    }
+    c->token_types = tt;
+    c->operations = ops;
+}
+
+static void consumer_dead_letter(consumer_t *c, const rd_kafka_message_t *rkm,
+                                 usage_reason_t reason, const char *msg)
+{
+    char err[512];
+    log_warn("%s [%" PRId32 "] offset %" PRId64 ": rejected (%s): %s",
+             c->conf->topic, rkm->partition, rkm->offset,
+             usage_reason_code(reason), msg);
+    if (dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
+                         usage_reason_code(reason), msg,
+                         c->conf->max_message_bytes, err,
+                         sizeof(err)) == -1) {
+        /* Not even queued: the offset must not advance past it. */
+        consumer_abandon_batch(c, err);
+        return;
+    }
+    metric_add(c->m.dead_letters[reason], 1);
+    c->batch_dlq++;
+}
+
+static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
+{
+    usage_parse_ctx_t ctx;
+    usage_event_t ev;
+    usage_reason_t reason;
+    char err[512], source[320];
+    part_t *p;
+    rd_kafka_timestamp_type_t tstype;
+
+    if (rkm->err) {
+        if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+            return;
+        log_warn("consumer: %s%s%s", rd_kafka_err2str(rkm->err),
+                 rkm->rkt ? " on " : "",
+                 rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "");
+        return;
+    }
+    p = consumer_part(c, rkm->partition);
+    if (!p->assigned || p->state != PART_ACTIVE) {
+        metric_add(c->m.skipped, 1);
+        return;
+    }
+    if (rkm->offset < p->next)
+        return; /* fetched again after a seek: already in the batch */
+    metric_add(c->m.messages, 1);
+
+    memset(&ctx, 0, sizeof(ctx));
+    ctx.token_types = &c->token_types;
+    ctx.operations = &c->operations;
+    ctx.now_us = now_us();
+    ctx.dedupe_days = c->conf->dedupe_days;
+    ctx.max_message_bytes = c->conf->max_message_bytes;
+    ctx.topic = c->conf->topic;
+    ctx.partition = rkm->partition;
+    ctx.offset = rkm->offset;
+    ctx.kafka_timestamp_ms = rd_kafka_message_timestamp(rkm, &tstype);
+
+    reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
+                               sizeof(err));
+    if (reason == USAGE_ERR_UNKNOWN_ENUM &&
+        now_ms() - c->enums_read_ms >= ENUM_REFRESH_MS) {
+        /* ALTER TYPE ... ADD VALUE works without a restart. */
+        consumer_refresh_enums(c);
+        reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
+                                   sizeof(err));
+    }
+    if (reason != USAGE_OK) {
+        consumer_dead_letter(c, rkm, reason, err);
+        if (!p->assigned || p->state != PART_ACTIVE)
+            return; /* the batch was abandoned */
+    } else {
+        snprintf(source, sizeof(source), "%s/%" PRId32 "/%" PRId64,
+                 c->conf->topic, rkm->partition, rkm->offset);
+        switch (batch_add(c->batch, &ev, source)) {
+        case BATCH_ADDED:
+            break;
+        case BATCH_DUPLICATE:
+            metric_add(c->m.dup_batch, 1);
+            break;
+        case BATCH_CONFLICT:
+            metric_add(c->m.dup_batch, 1);
+            metric_add(c->m.conflicts, 1);
+            log_warn("conflict: tenant %s key %s at %s arrived again with "
+                     "another payload in the same batch; first wins",
+                     ev.tenant_id, ev.idempotency_key, source);
+            break;
+        }
+    }
+    if (c->batch_msgs == 0)
+        c->batch_opened_ms = now_ms();
+    p->next = rkm->offset + 1;
+    p->in_batch = true;
+    c->batch_msgs++;
+    c->batch_bytes += rkm->len;
+}
+
+/* ---------------------------------------------------------------- */
+/* Rebalances (cooperative-sticky: incremental)                       */
+
+static void consumer_assign(consumer_t *c,
+                            rd_kafka_topic_partition_list_t *parts)
+{
+    rd_kafka_topic_partition_list_t *l =
+        rd_kafka_topic_partition_list_copy(parts);
+    rd_kafka_error_t *error;
+    bool claimed;
+
+    for (int i = 0; i < l->cnt; i++) {
+        part_t *p = consumer_part(c, l->elems[i].partition);
+        memset(p, 0, sizeof(*p));
+        p->assigned = true;
+        p->state = PART_CLAIMING;
+        l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+    }
+    claimed = consumer_claim(c, l) == 0;
+    if (!claimed) {
+        for (int i = 0; i < l->cnt; i++)
+            l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+    }
+    error = rd_kafka_incremental_assign(c->rk, l);
+    if (error) {
+        log_error("incremental assign failed: %s",
+                  rd_kafka_error_string(error));
+        rd_kafka_error_destroy(error);
+    }
+    if (!claimed) {
+        /* Held paused until Postgres tells where to start. */
+        rd_kafka_pause_partitions(c->rk, l);
+        log_warn("%d partitions assigned but not claimed yet (postgres "
+                 "unavailable): paused",
+                 l->cnt);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    consumer_update_assigned_gauge(c);
+}
+
+static void consumer_revoke(consumer_t *c,
+                            rd_kafka_topic_partition_list_t *parts,
+                            bool lost)
+{
+    rd_kafka_error_t *error;
+
+    if (lost)
+        consumer_abandon_batch(c, "partitions lost");
+    else
+        consumer_commit_batch(c, true); /* abandons it on failure */
+    for (int i = 0; i < parts->cnt; i++) {
+        part_t *p = consumer_part(c, parts->elems[i].partition);
+        p->assigned = false;
+        p->in_batch = false;
+    }
+    error = rd_kafka_incremental_unassign(c->rk, parts);
+    if (error) {
+        log_error("incremental unassign failed: %s",
+                  rd_kafka_error_string(error));
+        rd_kafka_error_destroy(error);
+    }
+    consumer_update_assigned_gauge(c);
+}
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts,
+                         void *opaque)
+{
+    consumer_t *c = opaque;
+    bool lost = rd_kafka_assignment_lost(rk);
+
+    log_info("rebalance: %s %d partitions%s",
+             err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
+                                                         : "revoked",
+             parts->cnt, lost ? " (lost)" : "");
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
+        consumer_assign(c, parts);
+    else
+        consumer_revoke(c, parts, lost);
+}
+
+/* ---------------------------------------------------------------- */
+/* The loop                                                           */
+
+static rd_kafka_t *consumer_new_kafka(consumer_t *c, char *errstr,
+                                      size_t errstr_size)
+{
+    const consumer_conf_t *cf = c->conf;
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_t *rk;
+    char err[512];
+
+    if (config_kafka_set(conf, "bootstrap.servers", cf->brokers, errstr,
+                         errstr_size) == -1 ||
+        config_kafka_set(conf, "group.id", cf->group, errstr, errstr_size) ==
+            -1 ||
+        config_kafka_set(conf, "partition.assignment.strategy",
+                         "cooperative-sticky", errstr, errstr_size) == -1 ||
+        config_kafka_set(conf, "enable.auto.commit", "false", errstr,
+                         errstr_size) == -1 ||
+        config_kafka_set(conf, "enable.auto.offset.store", "false", errstr,
+                         errstr_size) == -1 ||
+        config_kafka_default(cf->cfg, conf, "client.id", "tally-worker",
+                             errstr, errstr_size) == -1 ||
+        /* Out of range (retention passed us): take what is left. */
+        config_kafka_default(cf->cfg, conf, "auto.offset.reset", "earliest",
+                             errstr, errstr_size) == -1 ||
+        /* Bounded memory whatever the backlog. */
+        config_kafka_default(cf->cfg, conf, "queued.min.messages", "5000",
+                             errstr, errstr_size) == -1 ||
+        config_kafka_default(cf->cfg, conf, "queued.max.messages.kbytes",
+                             "8192", errstr, errstr_size) == -1 ||
+        config_kafka_default(cf->cfg, conf, "fetch.max.bytes", "4194304",
+                             errstr, errstr_size) == -1 ||
+        config_kafka_default(cf->cfg, conf, "max.partition.fetch.bytes",
+                             "1048576", errstr, errstr_size) == -1 ||
+        config_apply_x(cf->cfg, conf, errstr, errstr_size) == -1)
+        goto fail;
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_opaque(conf, c);
+    rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
+    if (!rk) {
+        snprintf(errstr, errstr_size, "kafka consumer: %s", err);
+        goto fail;
+    }
+    rd_kafka_poll_set_consumer(rk);
+    return rk;
+fail:
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+static void consumer_progress(consumer_t *c)
+{
+    int64_t t = now_ms();
+    int64_t counted = metric_get(c->m.counted);
+    int64_t dlq = 0;
+    int assigned = 0, paused = 0;
+
+    if (t - c->progress_ms < PROGRESS_MS)
+        return;
+    for (int r = 1; r < USAGE_ERR__COUNT; r++)
+        dlq += metric_get(c->m.dead_letters[r]);
+    for (int32_t i = 0; i < c->n_parts; i++) {
+        assigned += c->parts[i].assigned;
+        paused += c->parts[i].assigned && c->parts[i].state != PART_ACTIVE;
+    }
+    if (counted != c->progress_counted || paused > 0)
+        log_info("progress: %" PRId64 " counted (%.0f/s), %" PRId64
+                 " duplicates, %" PRId64 " dead letters, %" PRId64
+                 " batches; %d partitions assigned, %d paused",
+                 counted,
+                 (double)(counted - c->progress_counted) * 1000.0 /
+                     (double)(t - c->progress_ms),
+                 metric_get(c->m.dup_batch) + metric_get(c->m.dup_store),
+                 dlq, metric_get(c->m.batches), assigned, paused);
+    c->progress_ms = t;
+    c->progress_counted = counted;
+}
+
+static void consumer_prune(consumer_t *c)
+{
+    char err[512];
+    long deleted = 0;
+    int64_t t = now_ms();
+
+    if (c->conf->prune_interval_s <= 0 ||
+        t - c->last_prune_ms < c->conf->prune_interval_s * 1000)
+        return;
+    c->last_prune_ms = t;
+    if (c->batch_msgs > 0 || !consumer_pg_ready(c))
+        return;
+    if (store_prune_events(c->conf->store, c->conf->dedupe_days, 50000,
+                           &deleted, err, sizeof(err)) == -1) {
+        log_warn("pruning the dedupe store: %s", err);
+        return;
+    }
+    if (deleted > 0)
+        log_info("pruned %ld events past the %d-day dedupe window", deleted,
+                 c->conf->dedupe_days);
+}
+
+int consumer_run(const consumer_conf_t *conf, char *errstr,
+                 size_t errstr_size)
+{
+    consumer_t c;
+    rd_kafka_topic_partition_list_t *topics = NULL;
+    rd_kafka_resp_err_t err;
+    int rc = -1;
+
+    memset(&c, 0, sizeof(c));
+    c.conf = conf;
+    c.pg_backoff_ms = BACKOFF_MIN_MS;
+    c.progress_ms = now_ms();
+    c.last_prune_ms = now_ms() - conf->prune_interval_s * 1000 + 60000;
+    consumer_metrics_init(&c.m);
+    c.batch = batch_new(conf->batch_size);
+    if (!c.batch) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return -1;
+    }
+    /* The enums as Postgres has them; the contract's until it answers. */
+    usage_enums_default(&c.token_types, &c.operations);
+    consumer_refresh_enums(&c);
+
+    c.rk = consumer_new_kafka(&c, errstr, errstr_size);
+    if (!c.rk)
+        goto out;
+    topics = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(topics, conf->topic,
+                                      RD_KAFKA_PARTITION_UA);
+    err = rd_kafka_subscribe(c.rk, topics);
+    if (err) {
+        snprintf(errstr, errstr_size, "subscribe to %s: %s", conf->topic,
+                 rd_kafka_err2str(err));
+        goto out;
+    }
+    log_info("consuming %s as group %s (batches of %zu messages / %zu "
+             "bytes / %d ms; dead letters to %s)",
+             conf->topic, conf->group, conf->batch_size, conf->batch_bytes,
+             conf->batch_ms, conf->dlq_topic);
+
+    while (!*conf->stop && !c.fatal) {
+        rd_kafka_message_t *rkm;
+        int timeout = 100;
+
+        consumer_claim_pending(&c);
+        if (c.batch_msgs > 0) {
+            int64_t left = c.batch_opened_ms + conf->batch_ms - now_ms();
+            timeout = left < 0 ? 0 : left < 100 ? (int)left : 100;
+        }
+        rkm = rd_kafka_consumer_poll(c.rk, timeout);
+        if (rkm) {
+            if (rkm->err == RD_KAFKA_RESP_ERR__FATAL) {
+                char reason[256];
+                rd_kafka_fatal_error(c.rk, reason, sizeof(reason));
+                snprintf(c.fatal_error, sizeof(c.fatal_error),
+                         "fatal kafka error: %s", reason);
+                c.fatal = true;
+            } else {
+                consumer_handle(&c, rkm);
+            }
+            rd_kafka_message_destroy(rkm);
+        }
+        if (consumer_batch_due(&c))
+            consumer_commit_batch(&c, false);
+        consumer_progress(&c);
+        consumer_prune(&c);
+    }
+
+    log_info("stopping: committing the open batch and leaving the group");
+    if (!c.fatal)
+        consumer_commit_batch(&c, true);
+    else
+        consumer_abandon_batch(&c, "fatal error");
+    rd_kafka_consumer_close(c.rk);
+    if (c.fatal) {
+        snprintf(errstr, errstr_size, "%s", c.fatal_error);
+        goto out;
+    }
+    rc = 0;
+out:
+    if (topics)
+        rd_kafka_topic_partition_list_destroy(topics);
+    if (c.rk)
+        rd_kafka_destroy(c.rk);
+    batch_free(c.batch);
+    free(c.parts);
+    return rc;
+}

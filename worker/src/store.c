@@ -1,2 +1,718 @@
-/* placeholder, being written */
-typedef int tally_placeholder_store;
+/* Postgres: migrations, enums, partition claims and batch commits (libpq). */
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include "log.h"
+#include "migrations.h"
+
+/* Taken around migrations: "tally" in ASCII. */
+#define MIGRATE_LOCK_ID 0x74616c6c79LL
+
+struct store {
+    char *dsn;
+    char *group;
+    char *owner;
+    PGconn *conn;
+};
+
+/* ---------------------------------------------------------------- */
+/* Connection                                                         */
+
+store_t *store_new(const char *dsn, const char *group, const char *owner)
+{
+    store_t *st = calloc(1, sizeof(*st));
+    if (!st)
+        return NULL;
+    st->dsn = strdup(dsn ? dsn : "");
+    st->group = strdup(group);
+    st->owner = strdup(owner);
+    return st;
+}
+
+void store_disconnect(store_t *st)
+{
+    if (st->conn) {
+        PQfinish(st->conn);
+        st->conn = NULL;
+    }
+}
+
+void store_free(store_t *st)
+{
+    if (!st)
+        return;
+    store_disconnect(st);
+    free(st->dsn);
+    free(st->group);
+    free(st->owner);
+    free(st);
+}
+
+bool store_is_connected(const store_t *st)
+{
+    return st->conn && PQstatus(st->conn) == CONNECTION_OK;
+}
+
+/* Copies libpq's message without its trailing newline. */
+static void store_error(char *errstr, size_t errstr_size, const char *what,
+                        const char *msg)
+{
+    size_t n;
+    snprintf(errstr, errstr_size, "%s: %s", what, msg ? msg : "?");
+    n = strlen(errstr);
+    while (n > 0 && (errstr[n - 1] == '\n' || errstr[n - 1] == ' '))
+        errstr[--n] = '\0';
+}
+
+/* Runs a statement that returns no rows we need; -1 with errstr. A failed
+ * connection is dropped so that the next store_connect() starts anew. */
+static int store_exec(store_t *st, const char *sql, char *errstr,
+                      size_t errstr_size)
+{
+    PGresult *res = PQexec(st->conn, sql);
+    ExecStatusType s = PQresultStatus(res);
+    int rc = 0;
+
+    if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, "postgres",
+                    PQresultErrorMessage(res));
+        rc = -1;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* After a failure: roll back if the connection still works, drop it
+ * otherwise. */
+static void store_recover(store_t *st)
+{
+    if (!st->conn)
+        return;
+    if (PQstatus(st->conn) != CONNECTION_OK) {
+        store_disconnect(st);
+        return;
+    }
+    if (PQtransactionStatus(st->conn) != PQTRANS_IDLE) {
+        PGresult *res = PQexec(st->conn, "ROLLBACK");
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            store_disconnect(st);
+        PQclear(res);
+    }
+}
+
+static const char *const session_sql =
+    "SET statement_timeout = '120s';"
+    "SET idle_in_transaction_session_timeout = '300s';"
+    "SET TIME ZONE 'UTC';"
+    "CREATE TEMP TABLE IF NOT EXISTS tally_stage ("
+    " seq integer, tenant_id text, idempotency_key text,"
+    " occurred_us bigint, token_type text, operation text, model text,"
+    " agent_id text, conversation_id text, collection_id text,"
+    " owner_tenant_id text, tokens bigint, prompt_tokens bigint,"
+    " completion_tokens bigint, thoughts_tokens bigint,"
+    " cached_tokens bigint, metadata text, payload_hash bigint,"
+    " source text) ON COMMIT DELETE ROWS;"
+    "CREATE TEMP TABLE IF NOT EXISTS tally_agg ("
+    " tenant_id text, day integer, token_type text, operation text,"
+    " model text, agent_id text, tokens bigint, prompt_tokens bigint,"
+    " completion_tokens bigint, thoughts_tokens bigint,"
+    " cached_tokens bigint, events bigint) ON COMMIT DELETE ROWS;";
+
+int store_connect(store_t *st, char *errstr, size_t errstr_size)
+{
+    const char *keys[] = {"connect_timeout", "application_name",
+                          "keepalives_idle", "keepalives_interval",
+                          "keepalives_count", "dbname", NULL};
+    const char *vals[] = {"10", "tally", "10", "5", "3", st->dsn, NULL};
+
+    if (store_is_connected(st))
+        return 0;
+    store_disconnect(st);
+    st->conn = PQconnectdbParams(keys, vals, 1);
+    if (!st->conn || PQstatus(st->conn) != CONNECTION_OK) {
+        store_error(errstr, errstr_size, "postgres connect",
+                    st->conn ? PQerrorMessage(st->conn) : "out of memory");
+        store_disconnect(st);
+        return -1;
+    }
+    /* Quiet the NOTICEs of "IF NOT EXISTS". */
+    if (store_exec(st, "SET client_min_messages = warning", errstr,
+                   errstr_size) == -1) {
+        store_disconnect(st);
+        return -1;
+    }
+    return 0;
+}
+
+/* The temp tables need the session; created lazily before a batch. */
+static int store_prepare_session(store_t *st, char *errstr,
+                                 size_t errstr_size)
+{
+    if (store_exec(st, session_sql, errstr, errstr_size) == -1) {
+        store_recover(st);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Migrations                                                         */
+
+int store_migrate(store_t *st, int *applied, char *errstr,
+                  size_t errstr_size)
+{
+    char sql[256];
+    int rc = -1;
+
+    *applied = 0;
+    snprintf(sql, sizeof(sql), "SELECT pg_advisory_lock(%lld)",
+             MIGRATE_LOCK_ID);
+    if (store_exec(st, sql, errstr, errstr_size) == -1)
+        goto out;
+    if (store_exec(st,
+                   "CREATE SCHEMA IF NOT EXISTS tally;"
+                   "CREATE TABLE IF NOT EXISTS tally.schema_migrations ("
+                   " version text PRIMARY KEY,"
+                   " applied_at timestamptz NOT NULL DEFAULT now())",
+                   errstr, errstr_size) == -1)
+        goto unlock;
+    for (size_t i = 0; i < migrations_count; i++) {
+        const migration_t *m = &migrations[i];
+        const char *params[] = {m->name};
+        PGresult *res = PQexecParams(
+            st->conn,
+            "SELECT 1 FROM tally.schema_migrations WHERE version = $1", 1,
+            NULL, params, NULL, NULL, 0);
+        int done;
+
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            store_error(errstr, errstr_size, "postgres",
+                        PQresultErrorMessage(res));
+            PQclear(res);
+            goto unlock;
+        }
+        done = PQntuples(res) > 0;
+        PQclear(res);
+        if (done)
+            continue;
+        if (store_exec(st, "BEGIN", errstr, errstr_size) == -1)
+            goto unlock;
+        if (store_exec(st, m->sql, errstr, errstr_size) == -1) {
+            char detail[512];
+            snprintf(detail, sizeof(detail), "%s", errstr);
+            snprintf(errstr, errstr_size, "migration %s: %s", m->name,
+                     detail);
+            store_recover(st);
+            goto unlock;
+        }
+        res = PQexecParams(st->conn,
+                           "INSERT INTO tally.schema_migrations (version) "
+                           "VALUES ($1)",
+                           1, NULL, params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            store_error(errstr, errstr_size, "postgres",
+                        PQresultErrorMessage(res));
+            PQclear(res);
+            store_recover(st);
+            goto unlock;
+        }
+        PQclear(res);
+        if (store_exec(st, "COMMIT", errstr, errstr_size) == -1) {
+            store_recover(st);
+            goto unlock;
+        }
+        log_info("migration %s applied", m->name);
+        (*applied)++;
+    }
+    rc = 0;
+unlock:
+    if (st->conn && PQstatus(st->conn) == CONNECTION_OK) {
+        char e2[256];
+        snprintf(sql, sizeof(sql), "SELECT pg_advisory_unlock(%lld)",
+                 MIGRATE_LOCK_ID);
+        store_exec(st, sql, e2, sizeof(e2));
+    }
+out:
+    if (rc == -1)
+        store_recover(st);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* Reading settings                                                   */
+
+static int store_read_enum(store_t *st, const char *type, usage_enum_t *e,
+                           char *errstr, size_t errstr_size)
+{
+    char sql[256];
+    PGresult *res;
+    int rc = -1;
+
+    snprintf(sql, sizeof(sql),
+             "SELECT unnest(enum_range(NULL::%s))::text", type);
+    res = PQexec(st->conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, type, PQresultErrorMessage(res));
+        goto out;
+    }
+    e->n = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *v = PQgetvalue(res, i, 0);
+        if (e->n >= USAGE_ENUM_VALUES_MAX || strlen(v) > USAGE_ENUM_MAX) {
+            snprintf(errstr, errstr_size, "%s: too many or too long values",
+                     type);
+            goto out;
+        }
+        snprintf(e->values[e->n++], sizeof(e->values[0]), "%s", v);
+    }
+    rc = 0;
+out:
+    PQclear(res);
+    if (rc == -1)
+        store_recover(st);
+    return rc;
+}
+
+int store_read_enums(store_t *st, usage_enum_t *token_types,
+                     usage_enum_t *operations, char *errstr,
+                     size_t errstr_size)
+{
+    if (store_read_enum(st, "tally.token_type", token_types, errstr,
+                        errstr_size) == -1)
+        return -1;
+    return store_read_enum(st, "tally.operation_type", operations, errstr,
+                           errstr_size);
+}
+
+int store_read_dedupe_days(store_t *st, int *days, char *errstr,
+                           size_t errstr_size)
+{
+    PGresult *res = PQexec(st->conn, "SELECT value FROM tally.settings "
+                                     "WHERE name = 'dedupe_days'");
+    int rc = -1;
+
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, "postgres",
+                    PQresultErrorMessage(res));
+        store_recover(st);
+    } else {
+        *days = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : -1;
+        rc = 0;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* Positions                                                          */
+
+/* Appends `s` as a quoted element of a Postgres array literal. */
+static void array_put_text(char **p, char *end, const char *s, bool first)
+{
+    if (!first && *p < end)
+        *(*p)++ = ',';
+    if (*p < end)
+        *(*p)++ = '"';
+    for (; *s && *p < end - 2; s++) {
+        if (*s == '"' || *s == '\\')
+            *(*p)++ = '\\';
+        *(*p)++ = *s;
+    }
+    if (*p < end)
+        *(*p)++ = '"';
+}
+
+/* Builds the array literals {topics}, {partitions}, {offsets}, {epochs}
+ * of `pos`. The caller frees *buf. */
+static void positions_arrays(const store_position_t *pos, size_t n,
+                             char **buf, const char *params[4])
+{
+    size_t cap = 64 + n * 320;
+    char *b = malloc(cap * 4), *p, *end;
+    if (!b)
+        abort();
+    for (int k = 0; k < 4; k++) {
+        p = b + cap * (size_t)k;
+        end = p + cap - 2;
+        params[k] = p;
+        *p++ = '{';
+        for (size_t i = 0; i < n; i++) {
+            char num[32];
+            if (k == 0) {
+                array_put_text(&p, end, pos[i].topic, i == 0);
+                continue;
+            }
+            snprintf(num, sizeof(num), "%s%" PRId64, i ? "," : "",
+                     k == 1   ? (int64_t)pos[i].partition
+                     : k == 2 ? pos[i].next_offset
+                              : pos[i].epoch);
+            for (const char *c = num; *c && p < end; c++)
+                *p++ = *c;
+        }
+        *p++ = '}';
+        *p = '\0';
+    }
+    *buf = b;
+}
+
+static size_t position_find(const store_position_t *pos, size_t n,
+                            const char *topic, int32_t partition)
+{
+    for (size_t i = 0; i < n; i++)
+        if (pos[i].partition == partition && !strcmp(pos[i].topic, topic))
+            return i;
+    return n;
+}
+
+store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
+                           char *errstr, size_t errstr_size)
+{
+    const char *params[6];
+    char *arrays = NULL;
+    PGresult *res = NULL;
+    store_status_t rc = STORE_RETRY;
+
+    if (n == 0)
+        return STORE_OK;
+    positions_arrays(pos, n, &arrays, params);
+    params[2] = st->group;
+    params[3] = st->owner;
+    res = PQexecParams(
+        st->conn,
+        "INSERT INTO tally.consumer_offsets AS o"
+        " (group_id, topic, partition, next_offset, epoch, owner)"
+        " SELECT $3, v.topic, v.partition, NULL, 1, $4"
+        " FROM unnest($1::text[], $2::int[]) AS v(topic, partition)"
+        " ORDER BY v.topic, v.partition"
+        " ON CONFLICT (group_id, topic, partition) DO UPDATE"
+        " SET epoch = o.epoch + 1, owner = EXCLUDED.owner,"
+        " claimed_at = now()"
+        " RETURNING o.topic, o.partition, o.next_offset, o.epoch",
+        4, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, "postgres claim",
+                    PQresultErrorMessage(res));
+        store_recover(st);
+        goto out;
+    }
+    for (int r = 0; r < PQntuples(res); r++) {
+        size_t i = position_find(pos, n, PQgetvalue(res, r, 0),
+                                 atoi(PQgetvalue(res, r, 1)));
+        if (i == n)
+            continue;
+        pos[i].next_offset = PQgetisnull(res, r, 2)
+                                 ? -1
+                                 : strtoll(PQgetvalue(res, r, 2), NULL, 10);
+        pos[i].epoch = strtoll(PQgetvalue(res, r, 3), NULL, 10);
+    }
+    rc = STORE_OK;
+out:
+    PQclear(res);
+    free(arrays);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* Batch commit                                                       */
+
+static int store_copy(store_t *st, const char *sql, const char *data,
+                      size_t len, char *errstr, size_t errstr_size)
+{
+    PGresult *res = PQexec(st->conn, sql);
+    int rc = -1;
+
+    if (PQresultStatus(res) != PGRES_COPY_IN) {
+        store_error(errstr, errstr_size, "postgres copy",
+                    PQresultErrorMessage(res));
+        PQclear(res);
+        return -1;
+    }
+    PQclear(res);
+    /* libpq buffers; hand it the data in large pieces. */
+    for (size_t off = 0; off < len;) {
+        size_t n = len - off > (1 << 20) ? (1 << 20) : len - off;
+        if (PQputCopyData(st->conn, data + off, (int)n) != 1) {
+            store_error(errstr, errstr_size, "postgres copy",
+                        PQerrorMessage(st->conn));
+            PQputCopyEnd(st->conn, "aborted");
+            goto drain;
+        }
+        off += n;
+    }
+    if (PQputCopyEnd(st->conn, NULL) != 1) {
+        store_error(errstr, errstr_size, "postgres copy",
+                    PQerrorMessage(st->conn));
+        goto drain;
+    }
+    rc = 0;
+drain:
+    while ((res = PQgetResult(st->conn)) != NULL) {
+        if (PQresultStatus(res) != PGRES_COMMAND_OK && rc == 0) {
+            store_error(errstr, errstr_size, "postgres copy",
+                        PQresultErrorMessage(res));
+            rc = -1;
+        }
+        PQclear(res);
+    }
+    return rc;
+}
+
+#define SUMS_COLS                                                         \
+    "tokens, prompt_tokens, completion_tokens, thoughts_tokens, "          \
+    "cached_tokens, events"
+#define SUMS_UPDATE(t)                                                    \
+    "tokens = " t ".tokens + EXCLUDED.tokens, "                            \
+    "prompt_tokens = " t ".prompt_tokens + EXCLUDED.prompt_tokens, "       \
+    "completion_tokens = " t ".completion_tokens + "                       \
+    "EXCLUDED.completion_tokens, "                                         \
+    "thoughts_tokens = " t ".thoughts_tokens + EXCLUDED.thoughts_tokens, " \
+    "cached_tokens = " t ".cached_tokens + EXCLUDED.cached_tokens, "       \
+    "events = " t ".events + EXCLUDED.events, "                            \
+    "updated_at = EXCLUDED.updated_at"
+
+/* Inserts the staged events into the dedupe store; returns the seq of
+ * those that were there already (their key was counted before). */
+static const char *const insert_events_sql =
+    "WITH ins AS ("
+    " INSERT INTO tally.token_usage_events"
+    " (tenant_id, idempotency_key, occurred_at, token_type, operation,"
+    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"
+    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"
+    " cached_tokens, metadata, payload_hash, source)"
+    " SELECT tenant_id, idempotency_key,"
+    " timestamptz 'epoch' + occurred_us * interval '1 microsecond',"
+    " token_type::tally.token_type, operation::tally.operation_type,"
+    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"
+    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"
+    " cached_tokens, metadata::jsonb, payload_hash, source"
+    " FROM tally_stage ORDER BY tenant_id, idempotency_key"
+    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING"
+    " RETURNING tenant_id, idempotency_key)"
+    " SELECT s.seq FROM tally_stage s"
+    " LEFT JOIN ins USING (tenant_id, idempotency_key)"
+    " WHERE ins.tenant_id IS NULL";
+
+/* Of the events counted before, those whose stored payload differs. */
+static const char *const conflicts_sql =
+    "SELECT s.seq FROM tally_stage s"
+    " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)"
+    " WHERE s.seq = ANY($1::int[]) AND e.payload_hash IS NOT NULL"
+    " AND e.payload_hash <> s.payload_hash";
+
+static const char *const upsert_sums_sql =
+    "WITH d AS ("
+    " INSERT INTO tally.token_usage_daily AS t"
+    " (tenant_id, day, token_type, operation, model, agent_id, " SUMS_COLS
+    ", updated_at)"
+    " SELECT tenant_id, date '1970-01-01' + day,"
+    " token_type::tally.token_type, operation::tally.operation_type,"
+    " model, agent_id, " SUMS_COLS ", now()"
+    " FROM tally_agg ORDER BY 1, 2, 3, 4, 5, 6"
+    " ON CONFLICT (tenant_id, day, token_type, operation, model, agent_id)"
+    " DO UPDATE SET " SUMS_UPDATE("t") ")"
+    " INSERT INTO tally.token_usage_monthly AS t"
+    " (tenant_id, month, token_type, operation, model, agent_id, " SUMS_COLS
+    ", updated_at)"
+    " SELECT tenant_id,"
+    " date_trunc('month', date '1970-01-01' + day)::date,"
+    " token_type::tally.token_type, operation::tally.operation_type,"
+    " model, agent_id, sum(tokens), sum(prompt_tokens),"
+    " sum(completion_tokens), sum(thoughts_tokens), sum(cached_tokens),"
+    " sum(events), now()"
+    " FROM tally_agg GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6"
+    " ON CONFLICT (tenant_id, month, token_type, operation, model, agent_id)"
+    " DO UPDATE SET " SUMS_UPDATE("t");
+
+/* Moves every position forward, only where the epoch is still ours. */
+static const char *const advance_sql =
+    "UPDATE tally.consumer_offsets o"
+    " SET next_offset = v.next_offset, updated_at = now()"
+    " FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[])"
+    " AS v(topic, partition, next_offset, epoch)"
+    " WHERE o.group_id = $5 AND o.topic = v.topic"
+    " AND o.partition = v.partition AND o.epoch = v.epoch"
+    " RETURNING o.topic, o.partition";
+
+/* Fences: locks our offsets rows first (a claim by another member waits
+ * for this transaction, or we see its new epoch). */
+static store_status_t store_advance(store_t *st, store_position_t *pos,
+                                    size_t n, char *errstr,
+                                    size_t errstr_size)
+{
+    const char *params[5];
+    char *arrays = NULL;
+    PGresult *res;
+    store_status_t rc = STORE_RETRY;
+    size_t matched = 0;
+
+    positions_arrays(pos, n, &arrays, params);
+    params[4] = st->group;
+    res = PQexecParams(st->conn, advance_sql, 5, NULL, params, NULL, NULL,
+                       0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, "postgres offsets",
+                    PQresultErrorMessage(res));
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        pos[i].fenced = true;
+    for (int r = 0; r < PQntuples(res); r++) {
+        size_t i = position_find(pos, n, PQgetvalue(res, r, 0),
+                                 atoi(PQgetvalue(res, r, 1)));
+        if (i < n && pos[i].fenced) {
+            pos[i].fenced = false;
+            matched++;
+        }
+    }
+    if (matched != n) {
+        snprintf(errstr, errstr_size,
+                 "fenced: %zu of %zu partitions were claimed by another "
+                 "member",
+                 n - matched, n);
+        rc = STORE_FENCED;
+        goto out;
+    }
+    rc = STORE_OK;
+out:
+    PQclear(res);
+    free(arrays);
+    return rc;
+}
+
+/* Returns the seqs of the rows of `res` as a Postgres int array literal
+ * and marks them in the batch. */
+static char *mark_counted_before(batch_t *batch, PGresult *res)
+{
+    int n = PQntuples(res);
+    char *arr = malloc((size_t)n * 12 + 3), *p = arr;
+    if (!arr)
+        abort();
+    *p++ = '{';
+    for (int r = 0; r < n; r++) {
+        const char *v = PQgetvalue(res, r, 0);
+        size_t len = strlen(v);
+        batch_mark_counted_before(batch, (size_t)atol(v));
+        if (r)
+            *p++ = ',';
+        memcpy(p, v, len);
+        p += len;
+    }
+    *p++ = '}';
+    *p = '\0';
+    return arr;
+}
+
+store_status_t store_commit_batch(store_t *st, batch_t *batch,
+                                  store_position_t *pos, size_t n,
+                                  store_batch_result_t *out, char *errstr,
+                                  size_t errstr_size)
+{
+    PGresult *res = NULL;
+    store_status_t rc = STORE_RETRY;
+    char *dups = NULL;
+    const char *data;
+    size_t len, rows, events;
+
+    memset(out, 0, sizeof(*out));
+    if (store_prepare_session(st, errstr, errstr_size) == -1)
+        return STORE_RETRY;
+    if (store_exec(st, "BEGIN", errstr, errstr_size) == -1)
+        goto out;
+    if (n > 0) {
+        rc = store_advance(st, pos, n, errstr, errstr_size);
+        if (rc != STORE_OK)
+            goto out;
+        rc = STORE_RETRY;
+    }
+    if (batch_count(batch) > 0) {
+        data = batch_stage_copy(batch, &len);
+        if (store_copy(st, "COPY tally_stage FROM STDIN", data, len, errstr,
+                       errstr_size) == -1)
+            goto out;
+        res = PQexec(st->conn, insert_events_sql);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            store_error(errstr, errstr_size, "postgres events",
+                        PQresultErrorMessage(res));
+            goto out;
+        }
+        out->counted_before = (size_t)PQntuples(res);
+        dups = mark_counted_before(batch, res);
+        PQclear(res);
+        res = NULL;
+        if (out->counted_before > 0) {
+            const char *params[] = {dups};
+            res = PQexecParams(st->conn, conflicts_sql, 1, NULL, params,
+                               NULL, NULL, 0);
+            if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+                store_error(errstr, errstr_size, "postgres conflicts",
+                            PQresultErrorMessage(res));
+                goto out;
+            }
+            out->conflicts = (size_t)PQntuples(res);
+            for (int r = 0; r < PQntuples(res); r++) {
+                size_t seq = (size_t)atol(PQgetvalue(res, r, 0));
+                const char *tenant;
+                const char *key = batch_event_key(batch, seq, &tenant);
+                log_warn("conflict: tenant %s key %s at %s was counted "
+                         "before with another payload; first wins",
+                         tenant, key, batch_event_source(batch, seq));
+            }
+            PQclear(res);
+            res = NULL;
+        }
+        data = batch_aggregate_copy(batch, &len, &rows, &events);
+        out->counted = events;
+        out->buckets = rows;
+        if (rows > 0) {
+            if (store_copy(st, "COPY tally_agg FROM STDIN", data, len,
+                           errstr, errstr_size) == -1)
+                goto out;
+            if (store_exec(st, upsert_sums_sql, errstr, errstr_size) == -1)
+                goto out;
+        }
+    }
+    if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
+        goto out;
+    rc = STORE_OK;
+out:
+    PQclear(res);
+    free(dups);
+    if (rc != STORE_OK)
+        store_recover(st);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* Maintenance                                                        */
+
+int store_prune_events(store_t *st, int dedupe_days, long limit,
+                       long *deleted, char *errstr, size_t errstr_size)
+{
+    char sql[512];
+    PGresult *res;
+    int rc = -1;
+
+    snprintf(sql, sizeof(sql),
+             "DELETE FROM tally.token_usage_events WHERE ctid = ANY(ARRAY("
+             "SELECT ctid FROM tally.token_usage_events"
+             " WHERE occurred_at < now() - interval '%d days'"
+             " LIMIT %ld))",
+             dedupe_days + 1, limit);
+    res = PQexec(st->conn, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        store_error(errstr, errstr_size, "postgres prune",
+                    PQresultErrorMessage(res));
+        store_recover(st);
+    } else {
+        *deleted = atol(PQcmdTuples(res));
+        rc = 0;
+    }
+    PQclear(res);
+    return rc;
+}

@@ -1,0 +1,55 @@
+/* One batch of token-usage events: dedupe inside it, pre-aggregation. */
+#ifndef TALLY_BATCH_H
+#define TALLY_BATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "usage_event.h"
+
+typedef struct batch batch_t;
+
+typedef enum {
+    BATCH_ADDED,     /* first time this (tenant, key) is seen in the batch */
+    BATCH_DUPLICATE, /* same key, same payload: dropped */
+    BATCH_CONFLICT,  /* same key, another payload: dropped, first wins */
+} batch_add_result_t;
+
+/* A batch holds at most `max_events` distinct events. NULL on ENOMEM. */
+batch_t *batch_new(size_t max_events);
+void batch_free(batch_t *b);
+
+/* Empties the batch, keeping its memory for the next one. */
+void batch_clear(batch_t *b);
+
+/* Copies the event into the batch (the caller keeps `ev`). `source` is
+ * where it came from ("<topic>/<partition>/<offset>"), stored for audit.
+ * Must not be called when batch_is_full(). */
+batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
+                             const char *source);
+
+size_t batch_count(const batch_t *b); /* distinct events held */
+bool batch_is_full(const batch_t *b);
+
+/* The events as COPY text rows for the staging table, one per distinct
+ * event, `seq` first (0..count-1). Valid until the next batch_add/clear. */
+const char *batch_stage_copy(const batch_t *b, size_t *len);
+
+/* Marks event `seq` as already counted (found in the dedupe store): it is
+ * left out of the sums. Out-of-range seq is ignored. */
+void batch_mark_counted_before(batch_t *b, size_t seq);
+
+/* The source and key of event `seq`, for logs. */
+const char *batch_event_source(const batch_t *b, size_t seq);
+const char *batch_event_key(const batch_t *b, size_t seq, const char **tenant);
+
+/* Sums the events not marked into one row per daily bucket (tenant, day,
+ * token_type, operation, model, agent_id) and returns them as COPY text
+ * rows: tenant, day number since 1970-01-01, token_type, operation, model,
+ * agent_id, tokens, prompt, completion, thoughts, cached, events.
+ * Sets *rows and *events (the events summed). */
+const char *batch_aggregate_copy(batch_t *b, size_t *len, size_t *rows,
+                                 size_t *events);
+
+#endif

@@ -1,0 +1,37 @@
+/* The token-usage consumer: poll loop, rebalances, batching, commits. */
+#ifndef TALLY_CONSUMER_H
+#define TALLY_CONSUMER_H
+
+#include <signal.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "dead_letter.h"
+#include "store.h"
+
+typedef struct {
+    const config_t *cfg; /* for -X pass-through */
+    const char *brokers;
+    const char *group;
+    const char *topic;
+    const char *dlq_topic;
+    const char *start_from; /* "earliest" or "latest" */
+    size_t batch_size;      /* messages per batch at most */
+    size_t batch_bytes;     /* message bytes per batch at most */
+    int batch_ms;           /* a batch is closed this long after it opened */
+    int dedupe_days;
+    size_t max_message_bytes;
+    long prune_interval_s; /* 0: never prune the dedupe store */
+    store_t *store;        /* borrowed; this thread's own connection */
+    dead_letter_t *dlq;    /* borrowed */
+    volatile sig_atomic_t *stop; /* set by the signal handler */
+} consumer_conf_t;
+
+/* Consumes `topic` until *stop, then commits the open batch, leaves the
+ * group and returns 0. Returns -1 with errstr on a fatal error (bad
+ * configuration, a fatal Kafka error). Postgres outages are not fatal:
+ * it pauses, backs off and resumes by itself. */
+int consumer_run(const consumer_conf_t *conf, char *errstr,
+                 size_t errstr_size);
+
+#endif

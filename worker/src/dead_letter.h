@@ -1,0 +1,37 @@
+/* The dead-letter producer: rejected messages to <topic>.dlq. */
+#ifndef TALLY_DEAD_LETTER_H
+#define TALLY_DEAD_LETTER_H
+
+#include <stddef.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "config.h"
+
+typedef struct dead_letter dead_letter_t;
+
+/* An idempotent lz4 producer to `brokers` with every -X of cfg applied.
+ * NULL with errstr on a configuration error. */
+dead_letter_t *dead_letter_new(const config_t *cfg, const char *brokers,
+                               char *errstr, size_t errstr_size);
+void dead_letter_destroy(dead_letter_t *dl);
+
+/* Queues `rkm` (key, value, timestamp kept; value cut to max_bytes with
+ * header tally.error.truncated) for `dlq_topic` with the contract's
+ * tally.error.* headers. 0, or -1 with errstr if it could not be queued. */
+int dead_letter_send(dead_letter_t *dl, const rd_kafka_message_t *rkm,
+                     const char *dlq_topic, const char *reason,
+                     const char *message, size_t max_bytes, char *errstr,
+                     size_t errstr_size);
+
+/* Waits until every queued dead letter is acknowledged. Returns 0 when all
+ * were, -1 with errstr if any failed or `timeout_ms` passed (the caller
+ * must then not advance the offsets of the messages behind them). The
+ * failure count is reset. */
+int dead_letter_flush(dead_letter_t *dl, int timeout_ms, char *errstr,
+                      size_t errstr_size);
+
+/* Dead letters acknowledged so far. */
+unsigned long dead_letter_acked(const dead_letter_t *dl);
+
+#endif

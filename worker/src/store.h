@@ -1,0 +1,85 @@
+/* Postgres: migrations, enums, partition claims and batch commits (libpq). */
+#ifndef TALLY_STORE_H
+#define TALLY_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "batch.h"
+#include "usage_event.h"
+
+typedef struct store store_t;
+
+/* A partition's position as Postgres keeps it. */
+typedef struct {
+    const char *topic;
+    int32_t partition;
+    int64_t next_offset; /* -1: no stored position yet */
+    int64_t epoch;       /* the claim's fencing token */
+    bool fenced;         /* set by store_commit_batch */
+} store_position_t;
+
+/* What a committed batch did. */
+typedef struct {
+    size_t counted;          /* new events summed */
+    size_t counted_before;   /* found in the dedupe store */
+    size_t conflicts;        /* of those, with another payload */
+    size_t buckets;          /* daily rows upserted */
+} store_batch_result_t;
+
+typedef enum {
+    STORE_OK = 0,
+    STORE_RETRY = -1,  /* transient: connection, deadlock, ...; retry later */
+    STORE_FENCED = -2, /* a partition was claimed by another member */
+} store_status_t;
+
+/* Keeps the DSN (libpq conninfo or URI; "" for libpq defaults), the group
+ * and an owner label for the offsets table. Does not connect. */
+store_t *store_new(const char *dsn, const char *group, const char *owner);
+void store_free(store_t *st);
+
+/* Connects if not connected (connect_timeout 10 s, TCP keepalives) and
+ * prepares the session. 0, or -1 with errstr. */
+int store_connect(store_t *st, char *errstr, size_t errstr_size);
+bool store_is_connected(const store_t *st);
+void store_disconnect(store_t *st);
+
+/* Applies the embedded migrations not applied yet, each in its own
+ * transaction, under an advisory lock so that concurrent starts are safe.
+ * Sets *applied to the number applied. */
+int store_migrate(store_t *st, int *applied, char *errstr,
+                  size_t errstr_size);
+
+/* Reads the values of tally.token_type and tally.operation_type. */
+int store_read_enums(store_t *st, usage_enum_t *token_types,
+                     usage_enum_t *operations, char *errstr,
+                     size_t errstr_size);
+
+/* Reads tally.settings' dedupe_days (-1 if unset). */
+int store_read_dedupe_days(store_t *st, int *days, char *errstr,
+                           size_t errstr_size);
+
+/* Claims the partitions for this member: bumps each one's epoch (which
+ * fences any other member still holding it) and returns its stored
+ * position in pos[i].next_offset and the new epoch. Waits for a batch of
+ * the previous owner that is committing right now. */
+store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
+                           char *errstr, size_t errstr_size);
+
+/* Commits a batch in one transaction: fences (every pos[i].epoch must
+ * still be current, else STORE_FENCED with pos[i].fenced set, nothing
+ * written), inserts the new events into the dedupe store, marks in
+ * `batch` those counted before, upserts the daily and monthly sums of the
+ * rest, and stores pos[i].next_offset. */
+store_status_t store_commit_batch(store_t *st, batch_t *batch,
+                                  store_position_t *pos, size_t n,
+                                  store_batch_result_t *res, char *errstr,
+                                  size_t errstr_size);
+
+/* Deletes counted events older than the window plus a day of slack, at
+ * most `limit` rows. Sets *deleted. */
+int store_prune_events(store_t *st, int dedupe_days, long limit,
+                       long *deleted, char *errstr, size_t errstr_size);
+
+#endif
