@@ -1,4 +1,6 @@
 -- tally: the token-usage tables, the dedupe store and the consumed offsets.
+-- Key columns are COLLATE "C": byte order, whatever the database's locale
+-- (faster and the same everywhere).
 
 CREATE TYPE tally.token_type AS ENUM ('llm', 'embedding');
 
@@ -8,12 +10,12 @@ CREATE TYPE tally.operation_type AS ENUM
 -- Per-day sums; one row per bucket. Written in batches by the worker and
 -- one row at a time by tally.track_token_usage().
 CREATE TABLE tally.token_usage_daily (
-    tenant_id         text                 NOT NULL,
+    tenant_id         text COLLATE "C"     NOT NULL,
     day               date                 NOT NULL,
     token_type        tally.token_type     NOT NULL,
     operation         tally.operation_type NOT NULL,
-    model             text                 NOT NULL DEFAULT '',
-    agent_id          text                 NOT NULL DEFAULT '',
+    model             text COLLATE "C"     NOT NULL DEFAULT '',
+    agent_id          text COLLATE "C"     NOT NULL DEFAULT '',
     tokens            bigint               NOT NULL DEFAULT 0,
     prompt_tokens     bigint               NOT NULL DEFAULT 0,
     completion_tokens bigint               NOT NULL DEFAULT 0,
@@ -22,17 +24,17 @@ CREATE TABLE tally.token_usage_daily (
     events            bigint               NOT NULL DEFAULT 0,
     updated_at        timestamptz          NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, day, token_type, operation, model, agent_id)
-);
+) WITH (fillfactor = 80); -- room for HOT updates of the sums
 
 -- Per-month sums; `month` is the first day of the month (UTC).
 CREATE TABLE tally.token_usage_monthly (
-    tenant_id         text                 NOT NULL,
+    tenant_id         text COLLATE "C"     NOT NULL,
     month             date                 NOT NULL
         CHECK (month = date_trunc('month', month)::date),
     token_type        tally.token_type     NOT NULL,
     operation         tally.operation_type NOT NULL,
-    model             text                 NOT NULL DEFAULT '',
-    agent_id          text                 NOT NULL DEFAULT '',
+    model             text COLLATE "C"     NOT NULL DEFAULT '',
+    agent_id          text COLLATE "C"     NOT NULL DEFAULT '',
     tokens            bigint               NOT NULL DEFAULT 0,
     prompt_tokens     bigint               NOT NULL DEFAULT 0,
     completion_tokens bigint               NOT NULL DEFAULT 0,
@@ -41,18 +43,18 @@ CREATE TABLE tally.token_usage_monthly (
     events            bigint               NOT NULL DEFAULT 0,
     updated_at        timestamptz          NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, month, token_type, operation, model, agent_id)
-);
+) WITH (fillfactor = 80);
 
 -- Every counted event, kept for the dedupe window: the dedupe store (its
 -- primary key is the counting rule), the audit trail and what
 -- reconciliation recomputes the sums from.
 CREATE TABLE tally.token_usage_events (
-    tenant_id         text                 NOT NULL,
-    idempotency_key   text                 NOT NULL,
+    tenant_id         text COLLATE "C"     NOT NULL,
+    idempotency_key   text COLLATE "C"     NOT NULL,
     occurred_at       timestamptz          NOT NULL,
     token_type        tally.token_type     NOT NULL,
     operation         tally.operation_type NOT NULL,
-    model             text                 NOT NULL DEFAULT '',
+    model             text COLLATE "C"     NOT NULL DEFAULT '',
     agent_id          text,
     conversation_id   text,
     collection_id     text,
@@ -81,8 +83,8 @@ CREATE INDEX token_usage_events_occurred_at
 -- `epoch` fences zombies: a member that claims a partition bumps it, and a
 -- batch commits only if the epoch it claimed is still the current one.
 CREATE TABLE tally.consumer_offsets (
-    group_id    text        NOT NULL,
-    topic       text        NOT NULL,
+    group_id    text COLLATE "C" NOT NULL,
+    topic       text COLLATE "C" NOT NULL,
     partition   integer     NOT NULL,
     next_offset bigint,     -- NULL: claimed but nothing committed yet
     epoch       bigint      NOT NULL DEFAULT 1,

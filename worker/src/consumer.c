@@ -2,6 +2,7 @@
 #include "consumer.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,9 +47,34 @@ typedef struct {
     metric_t *commit_us, *skipped;
 } consumer_metrics_t;
 
+/* The committer thread: commits one sealed batch while the main thread
+ * fills the next. Depth one: a batch is handed over only after the
+ * previous one's result was collected, so commits stay in offset order.
+ * While a job is out, only the committer touches the store. */
+typedef struct {
+    pthread_t thread;
+    bool started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool busy; /* handed over and not collected yet */
+    bool done; /* result ready */
+    bool quit;
+    store_t *store;
+    batch_t *batch;
+    store_position_t *pos;
+    size_t n;
+    size_t msgs, dlq;
+    store_status_t status;
+    store_batch_result_t res;
+    int64_t took_us;
+    char err[512];
+} committer_t;
+
 typedef struct {
     const consumer_conf_t *conf;
     rd_kafka_t *rk;
+    committer_t com;
+    batch_t *spare; /* the other batch buffer, when not with the committer */
     part_t *parts;
     int32_t n_parts;
     batch_t *batch;
@@ -215,6 +241,8 @@ static void consumer_pg_ok(consumer_t *c)
     c->pg_retry_at_ms = 0;
 }
 
+static bool consumer_collect(consumer_t *c, bool wait);
+
 /* ---------------------------------------------------------------- */
 /* Claims: positions come from Postgres, never from Kafka              */
 
@@ -229,6 +257,7 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
 
     if (l->cnt == 0)
         return 0;
+    consumer_collect(c, true); /* the store is ours from here */
     if (!consumer_pg_ready(c))
         return -1;
     pos = calloc((size_t)l->cnt, sizeof(*pos));
@@ -319,6 +348,135 @@ out:
 }
 
 /* ---------------------------------------------------------------- */
+/* The committer thread                                               */
+
+static void *committer_main(void *arg)
+{
+    committer_t *com = arg;
+    pthread_mutex_lock(&com->mu);
+    for (;;) {
+        while (!com->quit && !(com->busy && !com->done))
+            pthread_cond_wait(&com->cv, &com->mu);
+        if (com->quit)
+            break;
+        pthread_mutex_unlock(&com->mu);
+        {
+            int64_t t0 = now_us();
+            com->status = store_commit_batch(com->store, com->batch,
+                                              com->pos, com->n, &com->res,
+                                              com->err, sizeof(com->err));
+            com->took_us = now_us() - t0;
+        }
+        pthread_mutex_lock(&com->mu);
+        com->done = true;
+        pthread_cond_broadcast(&com->cv);
+    }
+    pthread_mutex_unlock(&com->mu);
+    return NULL;
+}
+
+static int committer_start(committer_t *com, store_t *store)
+{
+    memset(com, 0, sizeof(*com));
+    com->store = store;
+    pthread_mutex_init(&com->mu, NULL);
+    pthread_cond_init(&com->cv, NULL);
+    if (pthread_create(&com->thread, NULL, committer_main, com) != 0)
+        return -1;
+    com->started = true;
+    return 0;
+}
+
+static void committer_stop(committer_t *com)
+{
+    if (com->started) {
+        pthread_mutex_lock(&com->mu);
+        com->quit = true;
+        pthread_cond_broadcast(&com->cv);
+        pthread_mutex_unlock(&com->mu);
+        pthread_join(com->thread, NULL);
+    }
+    pthread_mutex_destroy(&com->mu);
+    pthread_cond_destroy(&com->cv);
+    free(com->pos);
+}
+
+static void consumer_abandon_batch(consumer_t *c, const char *why);
+static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
+                                  size_t n, bool sync);
+
+/* Takes the committer's result, if there is one (waiting for it when
+ * `wait`), and acts on it: positions advanced, or the batch behind it
+ * abandoned. Afterwards, when it returns true, the store is ours. */
+static bool consumer_collect(consumer_t *c, bool wait)
+{
+    committer_t *com = &c->com;
+
+    pthread_mutex_lock(&com->mu);
+    if (!com->busy) {
+        pthread_mutex_unlock(&com->mu);
+        return true;
+    }
+    if (!com->done && !wait) {
+        pthread_mutex_unlock(&com->mu);
+        return false;
+    }
+    while (!com->done)
+        pthread_cond_wait(&com->cv, &com->mu);
+    pthread_mutex_unlock(&com->mu);
+
+    if (com->status == STORE_FENCED) {
+        for (size_t i = 0; i < com->n; i++) {
+            part_t *p;
+            if (!com->pos[i].fenced)
+                continue;
+            p = consumer_part(c, com->pos[i].partition);
+            p->state = PART_FENCED;
+            p->fenced_at_ms = now_ms();
+            log_warn("%s [%" PRId32 "]: fenced: another member claimed it "
+                     "(epoch %" PRId64 " is no longer current); not "
+                     "committing, pausing until the group settles",
+                     c->conf->topic, com->pos[i].partition,
+                     com->pos[i].epoch);
+        }
+        metric_add(c->m.fenced, 1);
+        metric_add(c->m.batch_failures, 1);
+        consumer_pause_state(c, PART_FENCED);
+        consumer_abandon_batch(c, "the batch before it was fenced");
+    } else if (com->status != STORE_OK) {
+        log_warn("batch of %zu messages not committed: %s", com->msgs,
+                 com->err);
+        metric_add(c->m.batch_failures, 1);
+        consumer_pg_failed(c, "postgres commit failed", com->err);
+        consumer_abandon_batch(c, "the batch before it failed");
+    } else {
+        consumer_pg_ok(c);
+        metric_add(c->m.commit_us, (uint64_t)com->took_us);
+        metric_add(c->m.batches, 1);
+        metric_add(c->m.counted, com->res.counted);
+        metric_add(c->m.dup_store, com->res.counted_before);
+        metric_add(c->m.conflicts, com->res.conflicts);
+        log_debug("batch committed: %zu messages, %zu counted, %zu counted "
+                  "before, %zu buckets, %zu dead letters, %.1f ms",
+                  com->msgs, com->res.counted, com->res.counted_before,
+                  com->res.buckets, com->dlq,
+                  (double)com->took_us / 1000.0);
+        for (size_t i = 0; i < com->n; i++)
+            consumer_part(c, com->pos[i].partition)->committed =
+                com->pos[i].next_offset;
+        consumer_commit_kafka(c, com->pos, com->n, false);
+    }
+    batch_clear(com->batch);
+    c->spare = com->batch;
+    com->batch = NULL;
+    pthread_mutex_lock(&com->mu);
+    com->busy = false;
+    com->done = false;
+    pthread_mutex_unlock(&com->mu);
+    return true;
+}
+
+/* ---------------------------------------------------------------- */
 /* Batches                                                            */
 
 static void consumer_reset_batch(consumer_t *c)
@@ -373,19 +531,17 @@ static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* Commits the open batch: dead letters acknowledged first, then one
- * Postgres transaction with the events, sums and positions. On any
- * failure the batch is abandoned. Returns 0 or -1. */
+/* Seals the open batch and hands it to the committer: dead letters
+ * acknowledged first, then (in the committer) one Postgres transaction
+ * with the events, sums and positions. With `sync`, waits for the result.
+ * On any failure the batch is abandoned. Returns 0 or -1. */
 static int consumer_commit_batch(consumer_t *c, bool sync)
 {
-    store_position_t *pos = NULL;
-    store_batch_result_t res;
+    committer_t *com = &c->com;
     char err[512];
     size_t n = 0;
-    int64_t t0;
-    store_status_t st;
-    int rc = -1;
 
+    consumer_collect(c, true); /* the previous one first, in order */
     if (c->batch_msgs == 0)
         return 0;
     if (c->batch_dlq > 0 &&
@@ -398,63 +554,38 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
         consumer_abandon_batch(c, "postgres unavailable");
         return -1;
     }
-    pos = calloc((size_t)c->n_parts, sizeof(*pos));
-    if (!pos)
+    free(com->pos);
+    com->pos = calloc((size_t)c->n_parts + 1, sizeof(*com->pos));
+    if (!com->pos)
         abort();
     for (int32_t i = 0; i < c->n_parts; i++) {
         part_t *p = &c->parts[i];
         if (!p->in_batch)
             continue;
-        pos[n].topic = c->conf->topic;
-        pos[n].partition = i;
-        pos[n].next_offset = p->next;
-        pos[n].epoch = p->epoch;
+        com->pos[n].topic = c->conf->topic;
+        com->pos[n].partition = i;
+        com->pos[n].next_offset = p->next;
+        com->pos[n].epoch = p->epoch;
         n++;
+        p->in_batch = false;
     }
-    t0 = now_us();
-    st = store_commit_batch(c->conf->store, c->batch, pos, n, &res, err,
-                            sizeof(err));
-    if (st == STORE_FENCED) {
-        for (size_t i = 0; i < n; i++) {
-            part_t *p;
-            if (!pos[i].fenced)
-                continue;
-            p = consumer_part(c, pos[i].partition);
-            p->state = PART_FENCED;
-            p->fenced_at_ms = now_ms();
-            log_warn("%s [%" PRId32 "]: fenced: another member claimed it "
-                     "(epoch %" PRId64 " is no longer current); not "
-                     "committing, pausing until the group settles",
-                     c->conf->topic, pos[i].partition, pos[i].epoch);
-        }
-        metric_add(c->m.fenced, 1);
-        consumer_pause_state(c, PART_FENCED);
-        consumer_abandon_batch(c, "fenced");
-        goto out;
-    }
-    if (st != STORE_OK) {
-        consumer_pg_failed(c, "postgres commit failed", err);
-        consumer_abandon_batch(c, "postgres commit failed");
-        goto out;
-    }
-    consumer_pg_ok(c);
-    metric_add(c->m.commit_us, (uint64_t)(now_us() - t0));
-    metric_add(c->m.batches, 1);
-    metric_add(c->m.counted, res.counted);
-    metric_add(c->m.dup_store, res.counted_before);
-    metric_add(c->m.conflicts, res.conflicts);
-    log_debug("batch committed: %zu messages, %zu counted, %zu counted "
-              "before, %zu buckets, %zu dead letters, %.1f ms",
-              c->batch_msgs, res.counted, res.counted_before, res.buckets,
-              c->batch_dlq, (double)(now_us() - t0) / 1000.0);
-    for (size_t i = 0; i < n; i++)
-        consumer_part(c, pos[i].partition)->committed = pos[i].next_offset;
-    consumer_commit_kafka(c, pos, n, sync);
-    consumer_reset_batch(c);
-    rc = 0;
-out:
-    free(pos);
-    return rc;
+    com->n = n;
+    com->msgs = c->batch_msgs;
+    com->dlq = c->batch_dlq;
+    com->batch = c->batch;
+    c->batch = c->spare;
+    c->spare = NULL;
+    c->batch_msgs = 0;
+    c->batch_bytes = 0;
+    c->batch_dlq = 0;
+    pthread_mutex_lock(&com->mu);
+    com->busy = true;
+    com->done = false;
+    pthread_cond_broadcast(&com->cv);
+    pthread_mutex_unlock(&com->mu);
+    if (sync)
+        consumer_collect(c, true);
+    return 0;
 }
 
 static bool consumer_batch_due(const consumer_t *c)
@@ -474,6 +605,7 @@ static void consumer_refresh_enums(consumer_t *c)
     char err[512];
     usage_enum_t tt, ops;
     c->enums_read_ms = now_ms();
+    consumer_collect(c, true);
     if (!consumer_pg_ready(c))
         return;
     if (store_read_enums(c->conf->store, &tt, &ops, err, sizeof(err)) ==
@@ -626,9 +758,10 @@ static void consumer_revoke(consumer_t *c,
 {
     rd_kafka_error_t *error;
 
-    if (lost)
+    if (lost) {
+        consumer_collect(c, true);
         consumer_abandon_batch(c, "partitions lost");
-    else
+    } else
         consumer_commit_batch(c, true); /* abandons it on failure */
     for (int i = 0; i < parts->cnt; i++) {
         part_t *p = consumer_part(c, parts->elems[i].partition);
@@ -750,7 +883,8 @@ static void consumer_prune(consumer_t *c)
         t - c->last_prune_ms < c->conf->prune_interval_s * 1000)
         return;
     c->last_prune_ms = t;
-    if (c->batch_msgs > 0 || !consumer_pg_ready(c))
+    if (c->batch_msgs > 0 || !consumer_collect(c, false) ||
+        !consumer_pg_ready(c))
         return;
     if (store_prune_events(c->conf->store, c->conf->dedupe_days, 50000,
                            &deleted, err, sizeof(err)) == -1) {
@@ -777,8 +911,11 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     c.last_prune_ms = now_ms() - conf->prune_interval_s * 1000 + 60000;
     consumer_metrics_init(&c.m);
     c.batch = batch_new(conf->batch_size);
-    if (!c.batch) {
+    c.spare = batch_new(conf->batch_size);
+    if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1) {
         snprintf(errstr, errstr_size, "out of memory");
+        batch_free(c.batch);
+        batch_free(c.spare);
         return -1;
     }
     /* The enums as Postgres has them; the contract's until it answers. */
@@ -824,6 +961,7 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
             }
             rd_kafka_message_destroy(rkm);
         }
+        consumer_collect(&c, false);
         if (consumer_batch_due(&c))
             consumer_commit_batch(&c, false);
         consumer_progress(&c);
@@ -831,10 +969,12 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     }
 
     log_info("stopping: committing the open batch and leaving the group");
-    if (!c.fatal)
+    if (!c.fatal) {
         consumer_commit_batch(&c, true);
-    else
+    } else {
+        consumer_collect(&c, true);
         consumer_abandon_batch(&c, "fatal error");
+    }
     rd_kafka_consumer_close(c.rk);
     if (c.fatal) {
         snprintf(errstr, errstr_size, "%s", c.fatal_error);
@@ -842,11 +982,14 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     }
     rc = 0;
 out:
+    consumer_collect(&c, true);
+    committer_stop(&c.com);
     if (topics)
         rd_kafka_topic_partition_list_destroy(topics);
     if (c.rk)
         rd_kafka_destroy(c.rk);
     batch_free(c.batch);
+    batch_free(c.spare);
     free(c.parts);
     return rc;
 }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -19,6 +20,7 @@ struct store {
     char *group;
     char *owner;
     PGconn *conn;
+    bool session_ready; /* temp tables created on this connection */
 };
 
 /* ---------------------------------------------------------------- */
@@ -41,6 +43,7 @@ void store_disconnect(store_t *st)
         PQfinish(st->conn);
         st->conn = NULL;
     }
+    st->session_ready = false;
 }
 
 void store_free(store_t *st)
@@ -111,16 +114,19 @@ static const char *const session_sql =
     "SET idle_in_transaction_session_timeout = '300s';"
     "SET TIME ZONE 'UTC';"
     "CREATE TEMP TABLE IF NOT EXISTS tally_stage ("
-    " seq integer, tenant_id text, idempotency_key text,"
-    " occurred_us bigint, token_type text, operation text, model text,"
-    " agent_id text, conversation_id text, collection_id text,"
+    " seq integer, tenant_id text COLLATE \"C\", idempotency_key text COLLATE \"C\","
+    " occurred_us bigint, token_type text, operation text,"
+    " model text COLLATE \"C\","
+    " agent_id text COLLATE \"C\", conversation_id text, collection_id text,"
     " owner_tenant_id text, tokens bigint, prompt_tokens bigint,"
     " completion_tokens bigint, thoughts_tokens bigint,"
     " cached_tokens bigint, metadata text, payload_hash bigint,"
     " source text) ON COMMIT DELETE ROWS;"
     "CREATE TEMP TABLE IF NOT EXISTS tally_agg ("
-    " tenant_id text, day integer, token_type text, operation text,"
-    " model text, agent_id text, tokens bigint, prompt_tokens bigint,"
+    " tenant_id text COLLATE \"C\", day integer, token_type text,"
+    " operation text,"
+    " model text COLLATE \"C\", agent_id text COLLATE \"C\","
+    " tokens bigint, prompt_tokens bigint,"
     " completion_tokens bigint, thoughts_tokens bigint,"
     " cached_tokens bigint, events bigint) ON COMMIT DELETE ROWS;";
 
@@ -154,10 +160,13 @@ int store_connect(store_t *st, char *errstr, size_t errstr_size)
 static int store_prepare_session(store_t *st, char *errstr,
                                  size_t errstr_size)
 {
+    if (st->session_ready)
+        return 0;
     if (store_exec(st, session_sql, errstr, errstr_size) == -1) {
         store_recover(st);
         return -1;
     }
+    st->session_ready = true;
     return 0;
 }
 
@@ -476,34 +485,57 @@ drain:
     "events = " t ".events + EXCLUDED.events, "                            \
     "updated_at = EXCLUDED.updated_at"
 
-/* Inserts the staged events into the dedupe store; returns the seq of
- * those that were there already (their key was counted before). */
-static const char *const insert_events_sql =
-    "WITH ins AS ("
-    " INSERT INTO tally.token_usage_events"
-    " (tenant_id, idempotency_key, occurred_at, token_type, operation,"
-    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"
-    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"
-    " cached_tokens, metadata, payload_hash, source)"
-    " SELECT tenant_id, idempotency_key,"
-    " timestamptz 'epoch' + occurred_us * interval '1 microsecond',"
-    " token_type::tally.token_type, operation::tally.operation_type,"
-    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"
-    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"
-    " cached_tokens, metadata::jsonb, payload_hash, source"
-    " FROM tally_stage ORDER BY tenant_id, idempotency_key"
-    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING"
-    " RETURNING tenant_id, idempotency_key)"
-    " SELECT s.seq FROM tally_stage s"
-    " LEFT JOIN ins USING (tenant_id, idempotency_key)"
-    " WHERE ins.tenant_id IS NULL";
+static double elapsed_ms(struct timespec *t0)
+{
+    struct timespec t1;
+    double ms;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (double)(t1.tv_sec - t0->tv_sec) * 1e3 +
+         (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
+    *t0 = t1;
+    return ms;
+}
 
-/* Of the events counted before, those whose stored payload differs. */
-static const char *const conflicts_sql =
-    "SELECT s.seq FROM tally_stage s"
+/* The staged events whose key was counted before, and whether the stored
+ * payload differs (a conflict: first wins). */
+static const char *const counted_before_sql =
+    "SELECT s.seq, e.payload_hash IS NOT NULL"
+    " AND e.payload_hash <> s.payload_hash"
+    " FROM tally_stage s"
+    " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)";
+
+static const char *const drop_staged_sql =
+    "DELETE FROM tally_stage WHERE seq = ANY($1::int[])";
+
+#define INSERT_EVENTS_SQL                                                 \
+    "INSERT INTO tally.token_usage_events"                                 \
+    " (tenant_id, idempotency_key, occurred_at, token_type, operation,"    \
+    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"   \
+    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"          \
+    " cached_tokens, metadata, payload_hash, source)"                      \
+    " SELECT tenant_id, idempotency_key,"                                  \
+    " timestamptz 'epoch' + occurred_us * interval '1 microsecond',"       \
+    " token_type::tally.token_type, operation::tally.operation_type,"      \
+    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"   \
+    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"          \
+    " cached_tokens, metadata::jsonb, payload_hash, source"                \
+    " FROM tally_stage ORDER BY tenant_id, idempotency_key"
+
+/* Plain inserts: the cheap path, with the known duplicates removed. */
+static const char *const insert_events_sql = INSERT_EVENTS_SQL;
+
+/* After a unique violation: another worker committed one of our keys
+ * between our check and our insert. */
+static const char *const insert_events_racing_sql =
+    INSERT_EVENTS_SQL " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
+
+/* Which staged events lost that race (the stored row is not ours). */
+static const char *const lost_race_sql =
+    "SELECT s.seq, e.payload_hash IS NOT NULL"
+    " AND e.payload_hash <> s.payload_hash"
+    " FROM tally_stage s"
     " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)"
-    " WHERE s.seq = ANY($1::int[]) AND e.payload_hash IS NOT NULL"
-    " AND e.payload_hash <> s.payload_hash";
+    " WHERE e.source <> s.source";
 
 static const char *const upsert_sums_sql =
     "WITH d AS ("
@@ -585,9 +617,10 @@ out:
     return rc;
 }
 
-/* Returns the seqs of the rows of `res` as a Postgres int array literal
- * and marks them in the batch. */
-static char *mark_counted_before(batch_t *batch, PGresult *res)
+/* Marks the events of `res` (seq, conflict) as counted before, logs the
+ * conflicts, and returns their seqs as a Postgres int array literal. */
+static char *mark_counted_before(batch_t *batch, PGresult *res,
+                                 store_batch_result_t *out)
 {
     int n = PQntuples(res);
     char *arr = malloc((size_t)n * 12 + 3), *p = arr;
@@ -596,8 +629,17 @@ static char *mark_counted_before(batch_t *batch, PGresult *res)
     *p++ = '{';
     for (int r = 0; r < n; r++) {
         const char *v = PQgetvalue(res, r, 0);
-        size_t len = strlen(v);
-        batch_mark_counted_before(batch, (size_t)atol(v));
+        size_t len = strlen(v), seq = (size_t)atol(v);
+        batch_mark_counted_before(batch, seq);
+        out->counted_before++;
+        if (PQgetvalue(res, r, 1)[0] == 't') {
+            const char *tenant;
+            const char *key = batch_event_key(batch, seq, &tenant);
+            out->conflicts++;
+            log_warn("conflict: tenant %s key %s at %s was counted before "
+                     "with another payload; first wins",
+                     tenant, key, batch_event_source(batch, seq));
+        }
         if (r)
             *p++ = ',';
         memcpy(p, v, len);
@@ -608,6 +650,84 @@ static char *mark_counted_before(batch_t *batch, PGresult *res)
     return arr;
 }
 
+/* Runs a query returning (seq, conflict) rows and marks them. */
+static int store_mark(store_t *st, batch_t *batch, const char *sql,
+                      store_batch_result_t *out, char **seqs, char *errstr,
+                      size_t errstr_size)
+{
+    PGresult *res = PQexec(st->conn, sql);
+    int rc = -1;
+
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        store_error(errstr, errstr_size, "postgres dedupe",
+                    PQresultErrorMessage(res));
+    } else {
+        *seqs = mark_counted_before(batch, res, out);
+        rc = 0;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* The dedupe step: inserts the staged events whose key is new into the
+ * dedupe store and marks the others in the batch. A key that another
+ * worker commits between the check and the insert (a unique violation) is
+ * settled by a second, conflict-tolerant insert. Returns 0 or -1. */
+static int store_dedupe(store_t *st, batch_t *batch,
+                        store_batch_result_t *out, char *errstr,
+                        size_t errstr_size)
+{
+    PGresult *res = NULL;
+    char *seqs = NULL;
+    const char *sqlstate;
+    int rc = -1;
+
+    if (store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
+                   errstr_size) == -1)
+        goto out;
+    if (out->counted_before > 0) {
+        const char *params[] = {seqs};
+        res = PQexecParams(st->conn, drop_staged_sql, 1, NULL, params, NULL,
+                           NULL, 0);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            store_error(errstr, errstr_size, "postgres dedupe",
+                        PQresultErrorMessage(res));
+            goto out;
+        }
+        PQclear(res);
+    }
+    free(seqs);
+    seqs = NULL;
+    if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
+        goto out;
+    res = PQexec(st->conn, insert_events_sql);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+        rc = 0;
+        goto out;
+    }
+    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (!sqlstate || strcmp(sqlstate, "23505") != 0) {
+        store_error(errstr, errstr_size, "postgres events",
+                    PQresultErrorMessage(res));
+        goto out;
+    }
+    PQclear(res);
+    res = NULL;
+    log_info("dedupe: a key of this batch was committed by another worker "
+             "meanwhile; inserting again, tolerating conflicts");
+    if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_insert", errstr,
+                   errstr_size) == -1 ||
+        store_exec(st, insert_events_racing_sql, errstr, errstr_size) == -1 ||
+        store_mark(st, batch, lost_race_sql, out, &seqs, errstr,
+                   errstr_size) == -1)
+        goto out;
+    rc = 0;
+out:
+    PQclear(res);
+    free(seqs);
+    return rc;
+}
+
 store_status_t store_commit_batch(store_t *st, batch_t *batch,
                                   store_position_t *pos, size_t n,
                                   store_batch_result_t *out, char *errstr,
@@ -615,11 +735,13 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
 {
     PGresult *res = NULL;
     store_status_t rc = STORE_RETRY;
-    char *dups = NULL;
     const char *data;
     size_t len, rows, events;
+    struct timespec t0;
+    double ms_fence = 0, ms_copy = 0, ms_insert = 0, ms_sums = 0, ms_commit;
 
     memset(out, 0, sizeof(*out));
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (store_prepare_session(st, errstr, errstr_size) == -1)
         return STORE_RETRY;
     if (store_exec(st, "BEGIN", errstr, errstr_size) == -1)
@@ -630,42 +752,16 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
             goto out;
         rc = STORE_RETRY;
     }
+    ms_fence = elapsed_ms(&t0);
     if (batch_count(batch) > 0) {
         data = batch_stage_copy(batch, &len);
         if (store_copy(st, "COPY tally_stage FROM STDIN", data, len, errstr,
                        errstr_size) == -1)
             goto out;
-        res = PQexec(st->conn, insert_events_sql);
-        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            store_error(errstr, errstr_size, "postgres events",
-                        PQresultErrorMessage(res));
+        ms_copy = elapsed_ms(&t0);
+        if (store_dedupe(st, batch, out, errstr, errstr_size) == -1)
             goto out;
-        }
-        out->counted_before = (size_t)PQntuples(res);
-        dups = mark_counted_before(batch, res);
-        PQclear(res);
-        res = NULL;
-        if (out->counted_before > 0) {
-            const char *params[] = {dups};
-            res = PQexecParams(st->conn, conflicts_sql, 1, NULL, params,
-                               NULL, NULL, 0);
-            if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-                store_error(errstr, errstr_size, "postgres conflicts",
-                            PQresultErrorMessage(res));
-                goto out;
-            }
-            out->conflicts = (size_t)PQntuples(res);
-            for (int r = 0; r < PQntuples(res); r++) {
-                size_t seq = (size_t)atol(PQgetvalue(res, r, 0));
-                const char *tenant;
-                const char *key = batch_event_key(batch, seq, &tenant);
-                log_warn("conflict: tenant %s key %s at %s was counted "
-                         "before with another payload; first wins",
-                         tenant, key, batch_event_source(batch, seq));
-            }
-            PQclear(res);
-            res = NULL;
-        }
+        ms_insert = elapsed_ms(&t0);
         data = batch_aggregate_copy(batch, &len, &rows, &events);
         out->counted = events;
         out->buckets = rows;
@@ -677,12 +773,16 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
                 goto out;
         }
     }
+    ms_sums = elapsed_ms(&t0);
     if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
         goto out;
+    ms_commit = elapsed_ms(&t0);
+    log_debug("batch timings: fence %.1f ms, copy %.1f ms, dedupe %.1f ms, "
+              "sums %.1f ms (%zu rows), commit %.1f ms",
+              ms_fence, ms_copy, ms_insert, ms_sums, out->buckets, ms_commit);
     rc = STORE_OK;
 out:
     PQclear(res);
-    free(dups);
     if (rc != STORE_OK)
         store_recover(st);
     return rc;
