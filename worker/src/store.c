@@ -68,6 +68,10 @@ static void store_error(char *errstr, size_t errstr_size, const char *what,
 {
     size_t n;
     snprintf(errstr, errstr_size, "%s: %s", what, msg ? msg : "?");
+    /* One log line: libpq's "\n\tIs the server running..." joined. */
+    for (char *p = errstr; *p; p++)
+        if (*p == '\n' || *p == '\t')
+            *p = ' ';
     n = strlen(errstr);
     while (n > 0 && (errstr[n - 1] == '\n' || errstr[n - 1] == ' '))
         errstr[--n] = '\0';

@@ -110,4 +110,9 @@ bool usage_is_id(const char *s, size_t len); /* ^[A-Za-z0-9_.@-]{1,128}$ */
 bool usage_has_no_control_chars(const char *s, size_t len);
 bool usage_enum_contains(const usage_enum_t *e, const char *value);
 
+/* Fills the contract's initial values of tally.token_type (llm, embedding)
+ * and tally.operation_type (chat, query, vector_search, embedding,
+ * ingestion), for tests and tools without Postgres. Either may be NULL. */
+void usage_enums_default(usage_enum_t *token_types, usage_enum_t *operations);
+
 #endif

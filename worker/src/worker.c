@@ -94,16 +94,22 @@ static int parse_or_exit(config_t *cfg, const char *cmd, const char *summary,
     return -1;
 }
 
-/* Connects (failing fast: a configuration error at start is fatal) and
- * migrates. Returns 0, or the exit code. */
+/* Connects and migrates. Postgres being down is not a reason to exit (an
+ * orchestrator would restart us in a loop): it waits with the same backoff
+ * as the worker, 1 s doubling to 60 s, until a signal. A migration that
+ * fails is fatal. Returns 0, or the exit code. */
 static int start_store(store_t *st, bool migrate)
 {
     char err[512];
-    int applied = 0;
+    int applied = 0, backoff = 1;
 
-    if (store_connect(st, err, sizeof(err)) == -1) {
-        log_error("%s", err);
-        return 1;
+    while (store_connect(st, err, sizeof(err)) == -1) {
+        log_warn("%s; retrying in %d s", err, backoff);
+        for (int i = 0; i < backoff * 10 && !stop_requested; i++)
+            usleep(100000);
+        if (stop_requested)
+            return 0;
+        backoff = backoff * 2 > 60 ? 60 : backoff * 2;
     }
     if (migrate) {
         if (store_migrate(st, &applied, err, sizeof(err)) == -1) {
@@ -127,8 +133,12 @@ int migrate_main(int argc, char **argv)
         config_free(&cfg);
         return rc;
     }
+    signal(SIGTERM, on_signal);
+    signal(SIGINT, on_signal);
     st = store_new(config_str(&cfg, "pg-dsn"), "-", "migrate");
     rc = start_store(st, true);
+    if (rc == 0 && stop_requested)
+        rc = 1; /* interrupted before it could migrate */
     store_free(st);
     config_free(&cfg);
     return rc;
@@ -184,7 +194,8 @@ int worker_main(int argc, char **argv)
     snprintf(owner, sizeof(owner), "%s/%d", host, (int)getpid());
     st = store_new(config_str(&cfg, "pg-dsn"), config_str(&cfg, "group"),
                    owner);
-    if ((rc = start_store(st, !config_bool(&cfg, "no-migrate"))) != 0)
+    if ((rc = start_store(st, !config_bool(&cfg, "no-migrate"))) != 0 ||
+        stop_requested)
         goto out;
     rc = 1;
     if (store_read_dedupe_days(st, &stored_days, err, sizeof(err)) == 0 &&
