@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential cmake pkg-config git
   librdkafka-dev libjansson-dev libhiredis-dev libpq-dev libmicrohttpd-dev
   libcmocka-dev
-  postgresql redis-server kcat procps iproute2
+  postgresql redis-server kcat procps iproute2 curl bc
   python3 python3-jsonschema python3-confluent-kafka
 )
 

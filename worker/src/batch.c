@@ -20,6 +20,8 @@ typedef struct {
     uint64_t payload_hash;
     size_t key_off;        /* arena: "tenant\0key\0" */
     size_t source_off;     /* arena: "topic/partition/offset\0" */
+    size_t row_off;        /* its row in `rows` */
+    size_t row_len;
     uint32_t bucket;       /* index into buckets */
     bool counted_before;   /* found in the dedupe store */
     int64_t sums[N_SUMS];
@@ -45,7 +47,8 @@ struct batch {
     uint32_t *bucket_slots;
     size_t slots_mask;
     buf_t arena; /* the strings the tables refer to */
-    buf_t stage; /* COPY rows of the events */
+    buf_t keys;  /* COPY rows of the keys, for the dedupe check */
+    buf_t rows;  /* COPY rows of the events table */
     buf_t agg;   /* COPY rows of the buckets */
 };
 
@@ -166,7 +169,8 @@ void batch_free(batch_t *b)
     free(b->event_slots);
     free(b->bucket_slots);
     free(b->arena.data);
-    free(b->stage.data);
+    free(b->keys.data);
+    free(b->rows.data);
     free(b->agg.data);
     free(b);
 }
@@ -178,7 +182,8 @@ void batch_clear(batch_t *b)
     b->n_events = 0;
     b->n_buckets = 0;
     b->arena.len = 0;
-    b->stage.len = 0;
+    b->keys.len = 0;
+    b->rows.len = 0;
     b->agg.len = 0;
 }
 
@@ -241,24 +246,36 @@ static uint32_t batch_bucket_of(batch_t *b, const usage_event_t *ev)
     }
 }
 
-static void batch_stage_row(batch_t *b, size_t seq, const usage_event_t *ev,
-                            const char *source)
+/* Appends the event's key row and events-table row. */
+static void batch_stage_row(batch_t *b, batch_event_t *e, size_t seq,
+                            const usage_event_t *ev, const char *source)
 {
-    buf_t *s = &b->stage;
+    buf_t *k = &b->keys, *s = &b->rows;
     const int64_t nums[] = {ev->tokens, ev->prompt_tokens,
                             ev->completion_tokens, ev->thoughts_tokens,
                             ev->cached_tokens};
     const char *ids[] = {ev->agent_id, ev->conversation_id,
                          ev->collection_id, ev->owner_tenant_id};
+    char ts[32];
 
-    buf_put_i64(s, (int64_t)seq);
-    buf_putc(s, '\t');
+    buf_put_i64(k, (int64_t)seq);
+    buf_putc(k, '\t');
+    buf_put_copy_str(k, ev->tenant_id, strlen(ev->tenant_id), false);
+    buf_putc(k, '\t');
+    buf_put_copy_str(k, ev->idempotency_key, strlen(ev->idempotency_key),
+                     false);
+    buf_putc(k, '\t');
+    buf_put_i64(k, (int64_t)ev->payload_hash);
+    buf_putc(k, '\n');
+
+    e->row_off = s->len;
     buf_put_copy_str(s, ev->tenant_id, strlen(ev->tenant_id), false);
     buf_putc(s, '\t');
     buf_put_copy_str(s, ev->idempotency_key, strlen(ev->idempotency_key),
                      false);
     buf_putc(s, '\t');
-    buf_put_i64(s, ev->occurred_at_us);
+    rfc3339_format(ev->occurred_at_us, ts);
+    buf_put(s, ts, strlen(ts));
     buf_putc(s, '\t');
     buf_put_copy_str(s, ev->token_type, strlen(ev->token_type), false);
     buf_putc(s, '\t');
@@ -281,6 +298,7 @@ static void batch_stage_row(batch_t *b, size_t seq, const usage_event_t *ev,
     buf_putc(s, '\t');
     buf_put_copy_str(s, source, strlen(source), false);
     buf_putc(s, '\n');
+    e->row_len = s->len - e->row_off;
 }
 
 batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
@@ -317,7 +335,7 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
     e->sums[2] = ev->completion_tokens;
     e->sums[3] = ev->thoughts_tokens;
     e->sums[4] = ev->cached_tokens;
-    batch_stage_row(b, b->n_events, ev, source);
+    batch_stage_row(b, e, b->n_events, ev, source);
     b->event_slots[slot] = (uint32_t)++b->n_events;
     return BATCH_ADDED;
 }
@@ -325,10 +343,25 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 /* ---------------------------------------------------------------- */
 /* Reading back                                                       */
 
-const char *batch_stage_copy(const batch_t *b, size_t *len)
+const char *batch_keys_copy(const batch_t *b, size_t *len)
 {
-    *len = b->stage.len;
-    return b->stage.data;
+    *len = b->keys.len;
+    return b->keys.data;
+}
+
+const char *batch_event_row(const batch_t *b, size_t seq, size_t *len)
+{
+    if (seq >= b->n_events) {
+        *len = 0;
+        return "";
+    }
+    *len = b->events[seq].row_len;
+    return b->rows.data + b->events[seq].row_off;
+}
+
+bool batch_is_counted_before(const batch_t *b, size_t seq)
+{
+    return seq < b->n_events && b->events[seq].counted_before;
 }
 
 void batch_mark_counted_before(batch_t *b, size_t seq)

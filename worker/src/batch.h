@@ -32,9 +32,19 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 size_t batch_count(const batch_t *b); /* distinct events held */
 bool batch_is_full(const batch_t *b);
 
-/* The events as COPY text rows for the staging table, one per distinct
- * event, `seq` first (0..count-1). Valid until the next batch_add/clear. */
-const char *batch_stage_copy(const batch_t *b, size_t *len);
+/* The keys of the distinct events as COPY text rows (seq, tenant_id,
+ * idempotency_key, payload_hash), seq 0..count-1: what the dedupe check
+ * needs. Valid until the next batch_add/clear. */
+const char *batch_keys_copy(const batch_t *b, size_t *len);
+
+/* Event `seq` as one COPY text row of tally.token_usage_events (tenant_id,
+ * idempotency_key, occurred_at, token_type, operation, model, agent_id,
+ * conversation_id, collection_id, owner_tenant_id, tokens, prompt_tokens,
+ * completion_tokens, thoughts_tokens, cached_tokens, metadata,
+ * payload_hash, source). Rows of consecutive seqs are contiguous. */
+const char *batch_event_row(const batch_t *b, size_t seq, size_t *len);
+
+bool batch_is_counted_before(const batch_t *b, size_t seq);
 
 /* Marks event `seq` as already counted (found in the dedupe store): it is
  * left out of the sums. Out-of-range seq is ignored. */

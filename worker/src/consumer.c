@@ -45,6 +45,7 @@ typedef struct {
     metric_t *dead_letters[USAGE_ERR__COUNT];
     metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
     metric_t *commit_us, *skipped;
+    metric_t *parse_ns, *poll_ns, *commit_wait_ns;
 } consumer_metrics_t;
 
 /* The committer thread: commits one sealed batch while the main thread
@@ -108,6 +109,13 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static void consumer_metrics_init(consumer_metrics_t *m)
 {
     static char labels[USAGE_ERR__COUNT][64];
@@ -145,6 +153,15 @@ static void consumer_metrics_init(consumer_metrics_t *m)
     m->commit_us = metrics_counter(
         "tally_usage_commit_seconds_micros_total", NULL,
         "time spent committing batches to Postgres, in microseconds");
+    m->parse_ns = metrics_counter(
+        "tally_usage_parse_nanoseconds_total", NULL,
+        "time spent parsing and validating messages");
+    m->poll_ns = metrics_counter(
+        "tally_usage_poll_nanoseconds_total", NULL,
+        "time spent in the Kafka consumer poll (waiting for messages)");
+    m->commit_wait_ns = metrics_counter(
+        "tally_usage_commit_wait_nanoseconds_total", NULL,
+        "time the consumer waited for the previous batch's commit");
     m->skipped = metrics_counter(
         "tally_usage_messages_skipped_total", NULL,
         "messages of paused partitions, fetched again later");
@@ -541,7 +558,10 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
     char err[512];
     size_t n = 0;
 
+    int64_t t0 = mono_ns();
+
     consumer_collect(c, true); /* the previous one first, in order */
+    metric_add(c->m.commit_wait_ns, (uint64_t)(mono_ns() - t0));
     if (c->batch_msgs == 0)
         return 0;
     if (c->batch_dlq > 0 &&
@@ -644,6 +664,7 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
     char err[512], source[320];
     part_t *p;
     rd_kafka_timestamp_type_t tstype;
+    int64_t t0;
 
     if (rkm->err) {
         if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
@@ -660,6 +681,9 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
     }
     if (rkm->offset < p->next)
         return; /* fetched again after a seek: already in the batch */
+    if (metric_get(c->m.messages) == 0)
+        log_info("first message: %s [%" PRId32 "] offset %" PRId64,
+                 c->conf->topic, rkm->partition, rkm->offset);
     metric_add(c->m.messages, 1);
 
     memset(&ctx, 0, sizeof(ctx));
@@ -673,8 +697,10 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
     ctx.offset = rkm->offset;
     ctx.kafka_timestamp_ms = rd_kafka_message_timestamp(rkm, &tstype);
 
+    t0 = mono_ns();
     reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
                                sizeof(err));
+    metric_add(c->m.parse_ns, (uint64_t)(mono_ns() - t0));
     if (reason == USAGE_ERR_UNKNOWN_ENUM &&
         now_ms() - c->enums_read_ms >= ENUM_REFRESH_MS) {
         /* ALTER TYPE ... ADD VALUE works without a restart. */
@@ -820,15 +846,18 @@ static rd_kafka_t *consumer_new_kafka(consumer_t *c, char *errstr,
         /* Out of range (retention passed us): take what is left. */
         config_kafka_default(cf->cfg, conf, "auto.offset.reset", "earliest",
                              errstr, errstr_size) == -1 ||
-        /* Bounded memory whatever the backlog. */
-        config_kafka_default(cf->cfg, conf, "queued.min.messages", "5000",
+        /* Bounded memory whatever the backlog: the byte cap on the
+         * pre-fetch queue does the bounding; the message threshold is
+         * high because librdkafka 2.0 parks a partition over it until
+         * its broker thread looks again, which starves the consumer. */
+        config_kafka_default(cf->cfg, conf, "queued.min.messages", "50000",
                              errstr, errstr_size) == -1 ||
         config_kafka_default(cf->cfg, conf, "queued.max.messages.kbytes",
-                             "8192", errstr, errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "fetch.max.bytes", "4194304",
+                             "10240", errstr, errstr_size) == -1 ||
+        config_kafka_default(cf->cfg, conf, "fetch.max.bytes", "2097152",
                              errstr, errstr_size) == -1 ||
         config_kafka_default(cf->cfg, conf, "max.partition.fetch.bytes",
-                             "1048576", errstr, errstr_size) == -1 ||
+                             "262144", errstr, errstr_size) == -1 ||
         config_apply_x(cf->cfg, conf, errstr, errstr_size) == -1)
         goto fail;
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
@@ -942,13 +971,16 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     while (!*conf->stop && !c.fatal) {
         rd_kafka_message_t *rkm;
         int timeout = 100;
+        int64_t t0;
 
         consumer_claim_pending(&c);
         if (c.batch_msgs > 0) {
             int64_t left = c.batch_opened_ms + conf->batch_ms - now_ms();
             timeout = left < 0 ? 0 : left < 100 ? (int)left : 100;
         }
+        t0 = mono_ns();
         rkm = rd_kafka_consumer_poll(c.rk, timeout);
+        metric_add(c.m.poll_ns, (uint64_t)(mono_ns() - t0));
         if (rkm) {
             if (rkm->err == RD_KAFKA_RESP_ERR__FATAL) {
                 char reason[256];

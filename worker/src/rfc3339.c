@@ -57,8 +57,8 @@ int rfc3339_parse(const char *s, size_t len, int64_t *us)
     int hour = digits(s + 11, 2), min = digits(s + 14, 2);
     int sec = digits(s + 17, 2);
     if (year < 1 || mon < 1 || mon > 12 || mday < 1 ||
-        mday > days_in_month(year, mon) || hour < 0 || hour > 23 ||
-        min < 0 || min > 59 || sec < 0 || sec > 59)
+        mday > days_in_month(year, mon) || hour < 0 || hour > 23 || min < 0 ||
+        min > 59 || sec < 0 || sec > 59)
         return -1;
 
     size_t i = 19;

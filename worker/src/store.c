@@ -113,19 +113,22 @@ static void store_recover(store_t *st)
     }
 }
 
+/* Per session: timeouts, and the temp tables a batch goes through.
+ * synchronous_commit off is safe here: the positions are committed in the
+ * same transactions as the sums, so a commit lost in a Postgres crash is
+ * lost with its positions, and those messages are consumed again. */
 static const char *const session_sql =
     "SET statement_timeout = '120s';"
     "SET idle_in_transaction_session_timeout = '300s';"
     "SET TIME ZONE 'UTC';"
+    "SET synchronous_commit = off;"
     "CREATE TEMP TABLE IF NOT EXISTS tally_stage ("
-    " seq integer, tenant_id text COLLATE \"C\", idempotency_key text COLLATE \"C\","
-    " occurred_us bigint, token_type text, operation text,"
-    " model text COLLATE \"C\","
-    " agent_id text COLLATE \"C\", conversation_id text, collection_id text,"
-    " owner_tenant_id text, tokens bigint, prompt_tokens bigint,"
-    " completion_tokens bigint, thoughts_tokens bigint,"
-    " cached_tokens bigint, metadata text, payload_hash bigint,"
-    " source text) ON COMMIT DELETE ROWS;"
+    " seq integer, tenant_id text COLLATE \"C\","
+    " idempotency_key text COLLATE \"C\", payload_hash bigint)"
+    " ON COMMIT DELETE ROWS;"
+    "CREATE TEMP TABLE IF NOT EXISTS tally_stage_rows"
+    " (LIKE tally.token_usage_events INCLUDING DEFAULTS)"
+    " ON COMMIT DELETE ROWS;"
     "CREATE TEMP TABLE IF NOT EXISTS tally_agg ("
     " tenant_id text COLLATE \"C\", day integer, token_type text,"
     " operation text,"
@@ -434,46 +437,101 @@ out:
 /* ---------------------------------------------------------------- */
 /* Batch commit                                                       */
 
-static int store_copy(store_t *st, const char *sql, const char *data,
-                      size_t len, char *errstr, size_t errstr_size)
+/* COPY ... FROM STDIN in three steps, so that rows can come from several
+ * places. store_copy_end() returns -1 with errstr if anything failed,
+ * and `sqlstate` (if not NULL) gets the server's SQLSTATE ("" if none). */
+static int store_copy_begin(store_t *st, const char *sql, char *errstr,
+                            size_t errstr_size)
 {
     PGresult *res = PQexec(st->conn, sql);
-    int rc = -1;
-
+    int rc = 0;
     if (PQresultStatus(res) != PGRES_COPY_IN) {
         store_error(errstr, errstr_size, "postgres copy",
                     PQresultErrorMessage(res));
-        PQclear(res);
-        return -1;
+        rc = -1;
     }
     PQclear(res);
+    return rc;
+}
+
+static int store_copy_put(store_t *st, const char *data, size_t len,
+                          char *errstr, size_t errstr_size)
+{
     /* libpq buffers; hand it the data in large pieces. */
     for (size_t off = 0; off < len;) {
         size_t n = len - off > (1 << 20) ? (1 << 20) : len - off;
         if (PQputCopyData(st->conn, data + off, (int)n) != 1) {
             store_error(errstr, errstr_size, "postgres copy",
                         PQerrorMessage(st->conn));
-            PQputCopyEnd(st->conn, "aborted");
-            goto drain;
+            return -1;
         }
         off += n;
     }
-    if (PQputCopyEnd(st->conn, NULL) != 1) {
+    return 0;
+}
+
+static int store_copy_end(store_t *st, bool ok, char *sqlstate,
+                          char *errstr, size_t errstr_size)
+{
+    PGresult *res;
+    int rc = ok ? 0 : -1;
+
+    if (sqlstate)
+        sqlstate[0] = '\0';
+    if (PQputCopyEnd(st->conn, ok ? NULL : "aborted") != 1 && rc == 0) {
         store_error(errstr, errstr_size, "postgres copy",
                     PQerrorMessage(st->conn));
-        goto drain;
+        rc = -1;
     }
-    rc = 0;
-drain:
     while ((res = PQgetResult(st->conn)) != NULL) {
         if (PQresultStatus(res) != PGRES_COMMAND_OK && rc == 0) {
+            const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
             store_error(errstr, errstr_size, "postgres copy",
                         PQresultErrorMessage(res));
+            if (sqlstate && state)
+                snprintf(sqlstate, 6, "%s", state);
             rc = -1;
         }
         PQclear(res);
     }
     return rc;
+}
+
+static int store_copy(store_t *st, const char *sql, const char *data,
+                      size_t len, char *errstr, size_t errstr_size)
+{
+    bool ok;
+    if (store_copy_begin(st, sql, errstr, errstr_size) == -1)
+        return -1;
+    ok = store_copy_put(st, data, len, errstr, errstr_size) == 0;
+    return store_copy_end(st, ok, NULL, errstr, errstr_size);
+}
+
+/* Copies the rows of the events not counted before, in contiguous runs. */
+static int store_copy_new_events(store_t *st, const batch_t *batch,
+                                 const char *sql, char *sqlstate,
+                                 char *errstr, size_t errstr_size)
+{
+    size_t n = batch_count(batch), seq = 0;
+    bool ok = true;
+
+    if (store_copy_begin(st, sql, errstr, errstr_size) == -1)
+        return -1;
+    while (ok && seq < n) {
+        const char *run;
+        size_t run_len, len;
+        if (batch_is_counted_before(batch, seq)) {
+            seq++;
+            continue;
+        }
+        run = batch_event_row(batch, seq++, &run_len);
+        while (seq < n && !batch_is_counted_before(batch, seq)) {
+            batch_event_row(batch, seq++, &len);
+            run_len += len;
+        }
+        ok = store_copy_put(st, run, run_len, errstr, errstr_size) == 0;
+    }
+    return store_copy_end(st, ok, sqlstate, errstr, errstr_size);
 }
 
 #define SUMS_COLS                                                         \
@@ -508,38 +566,37 @@ static const char *const counted_before_sql =
     " FROM tally_stage s"
     " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)";
 
-static const char *const drop_staged_sql =
-    "DELETE FROM tally_stage WHERE seq = ANY($1::int[])";
-
-#define INSERT_EVENTS_SQL                                                 \
-    "INSERT INTO tally.token_usage_events"                                 \
-    " (tenant_id, idempotency_key, occurred_at, token_type, operation,"    \
+#define EVENTS_COLS                                                       \
+    "(tenant_id, idempotency_key, occurred_at, token_type, operation,"     \
     " model, agent_id, conversation_id, collection_id, owner_tenant_id,"   \
     " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"          \
-    " cached_tokens, metadata, payload_hash, source)"                      \
-    " SELECT tenant_id, idempotency_key,"                                  \
-    " timestamptz 'epoch' + occurred_us * interval '1 microsecond',"       \
-    " token_type::tally.token_type, operation::tally.operation_type,"      \
-    " model, agent_id, conversation_id, collection_id, owner_tenant_id,"   \
-    " tokens, prompt_tokens, completion_tokens, thoughts_tokens,"          \
-    " cached_tokens, metadata::jsonb, payload_hash, source"                \
-    " FROM tally_stage ORDER BY tenant_id, idempotency_key"
+    " cached_tokens, metadata, payload_hash, source)"
 
-/* Plain inserts: the cheap path, with the known duplicates removed. */
-static const char *const insert_events_sql = INSERT_EVENTS_SQL;
+/* The cheap path: the new events straight into the table. */
+static const char *const copy_events_sql =
+    "COPY tally.token_usage_events " EVENTS_COLS " FROM STDIN";
 
-/* After a unique violation: another worker committed one of our keys
- * between our check and our insert. */
-static const char *const insert_events_racing_sql =
-    INSERT_EVENTS_SQL " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
+/* After a unique violation (another worker committed one of our keys
+ * between our check and our insert): through a stage, tolerating it. */
+static const char *const copy_rows_stage_sql =
+    "COPY tally_stage_rows " EVENTS_COLS " FROM STDIN";
+static const char *const insert_racing_sql =
+    "INSERT INTO tally.token_usage_events " EVENTS_COLS
+    " SELECT tenant_id, idempotency_key, occurred_at, token_type,"
+    " operation, model, agent_id, conversation_id, collection_id,"
+    " owner_tenant_id, tokens, prompt_tokens, completion_tokens,"
+    " thoughts_tokens, cached_tokens, metadata, payload_hash, source"
+    " FROM tally_stage_rows ORDER BY tenant_id, idempotency_key"
+    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
 
-/* Which staged events lost that race (the stored row is not ours). */
+/* Which of them lost that race (the stored row is not ours). */
 static const char *const lost_race_sql =
     "SELECT s.seq, e.payload_hash IS NOT NULL"
     " AND e.payload_hash <> s.payload_hash"
-    " FROM tally_stage s"
+    " FROM tally_stage_rows r"
     " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)"
-    " WHERE e.source <> s.source";
+    " JOIN tally_stage s USING (tenant_id, idempotency_key)"
+    " WHERE e.source <> r.source";
 
 static const char *const upsert_sums_sql =
     "WITH d AS ("
@@ -673,61 +730,48 @@ static int store_mark(store_t *st, batch_t *batch, const char *sql,
     return rc;
 }
 
-/* The dedupe step: inserts the staged events whose key is new into the
- * dedupe store and marks the others in the batch. A key that another
- * worker commits between the check and the insert (a unique violation) is
+/* The dedupe step: marks in the batch the events whose key is in the
+ * dedupe store already, and copies the others into it. A key that another
+ * worker commits between the check and the copy (a unique violation) is
  * settled by a second, conflict-tolerant insert. Returns 0 or -1. */
 static int store_dedupe(store_t *st, batch_t *batch,
                         store_batch_result_t *out, char *errstr,
                         size_t errstr_size)
 {
-    PGresult *res = NULL;
-    char *seqs = NULL;
-    const char *sqlstate;
+    char *seqs = NULL, sqlstate[6];
+    const char *data;
+    size_t len;
     int rc = -1;
 
-    if (store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
+    data = batch_keys_copy(batch, &len);
+    if (store_copy(st, "COPY tally_stage FROM STDIN", data, len, errstr,
+                   errstr_size) == -1 ||
+        store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
-    if (out->counted_before > 0) {
-        const char *params[] = {seqs};
-        res = PQexecParams(st->conn, drop_staged_sql, 1, NULL, params, NULL,
-                           NULL, 0);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            store_error(errstr, errstr_size, "postgres dedupe",
-                        PQresultErrorMessage(res));
-            goto out;
-        }
-        PQclear(res);
-    }
     free(seqs);
     seqs = NULL;
     if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
         goto out;
-    res = PQexec(st->conn, insert_events_sql);
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+    if (store_copy_new_events(st, batch, copy_events_sql, sqlstate, errstr,
+                              errstr_size) == 0) {
         rc = 0;
         goto out;
     }
-    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    if (!sqlstate || strcmp(sqlstate, "23505") != 0) {
-        store_error(errstr, errstr_size, "postgres events",
-                    PQresultErrorMessage(res));
+    if (strcmp(sqlstate, "23505") != 0)
         goto out;
-    }
-    PQclear(res);
-    res = NULL;
     log_info("dedupe: a key of this batch was committed by another worker "
              "meanwhile; inserting again, tolerating conflicts");
     if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_insert", errstr,
                    errstr_size) == -1 ||
-        store_exec(st, insert_events_racing_sql, errstr, errstr_size) == -1 ||
+        store_copy_new_events(st, batch, copy_rows_stage_sql, NULL, errstr,
+                              errstr_size) == -1 ||
+        store_exec(st, insert_racing_sql, errstr, errstr_size) == -1 ||
         store_mark(st, batch, lost_race_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
     rc = 0;
 out:
-    PQclear(res);
     free(seqs);
     return rc;
 }
@@ -742,7 +786,7 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
     const char *data;
     size_t len, rows, events;
     struct timespec t0;
-    double ms_fence = 0, ms_copy = 0, ms_insert = 0, ms_sums = 0, ms_commit;
+    double ms_fence = 0, ms_insert = 0, ms_sums = 0, ms_commit;
 
     memset(out, 0, sizeof(*out));
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -758,11 +802,6 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
     }
     ms_fence = elapsed_ms(&t0);
     if (batch_count(batch) > 0) {
-        data = batch_stage_copy(batch, &len);
-        if (store_copy(st, "COPY tally_stage FROM STDIN", data, len, errstr,
-                       errstr_size) == -1)
-            goto out;
-        ms_copy = elapsed_ms(&t0);
         if (store_dedupe(st, batch, out, errstr, errstr_size) == -1)
             goto out;
         ms_insert = elapsed_ms(&t0);
@@ -781,9 +820,9 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
     if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
         goto out;
     ms_commit = elapsed_ms(&t0);
-    log_debug("batch timings: fence %.1f ms, copy %.1f ms, dedupe %.1f ms, "
-              "sums %.1f ms (%zu rows), commit %.1f ms",
-              ms_fence, ms_copy, ms_insert, ms_sums, out->buckets, ms_commit);
+    log_debug("batch timings: fence %.1f ms, dedupe %.1f ms, sums %.1f ms "
+              "(%zu rows), commit %.1f ms",
+              ms_fence, ms_insert, ms_sums, out->buckets, ms_commit);
     rc = STORE_OK;
 out:
     PQclear(res);

@@ -212,7 +212,7 @@ static bool name_is_metadata(const char *s, size_t n)
 
 /* Index of the quote that closes the string whose first byte is at start,
  * or len. memchr() does the scanning: strings are most of a message. */
-static size_t string_end(const char *buf, size_t start, size_t len)
+size_t string_end(const char *buf, size_t start, size_t len)
 {
     size_t i = start;
     for (;;) {
@@ -400,7 +400,7 @@ static void echo_text(const char *s, size_t len, char *out)
 }
 
 /* "a string \"...\"", "1000 (a real number)", ...: what a field held. */
-static const char *describe(const json_t *v, char *buf, size_t size)
+const char *describe(const json_t *v, char *buf, size_t size)
 {
     char text[ECHO_MAX + 4];
     switch (json_typeof(v)) {
@@ -512,8 +512,7 @@ static usage_reason_t get_string(parser_t *p, field_t f, bool required,
 }
 
 /* An id into out (USAGE_ID_MAX + 1 bytes); absent leaves "". */
-static usage_reason_t get_id(parser_t *p, field_t f, bool required,
-                             char *out)
+static usage_reason_t get_id(parser_t *p, field_t f, bool required, char *out)
 {
     const char *name = field_names[f];
     const char *s;
@@ -535,8 +534,8 @@ static usage_reason_t get_id(parser_t *p, field_t f, bool required,
 
 /* Free text of 1..max bytes without control characters into out
  * (max + 1 bytes); absent leaves "". */
-static usage_reason_t get_text(parser_t *p, field_t f, size_t max,
-                               char *out, const char **s_out, size_t *len_out)
+static usage_reason_t get_text(parser_t *p, field_t f, size_t max, char *out,
+                               const char **s_out, size_t *len_out)
 {
     const char *name = field_names[f];
     const char *s;
@@ -559,8 +558,9 @@ static usage_reason_t get_text(parser_t *p, field_t f, size_t max,
     return USAGE_OK;
 }
 
-static usage_reason_t get_enum(parser_t *p, field_t f,
-                               const usage_enum_t *e, char *out)
+/* A required string that is one of e's values (read from Postgres). */
+static usage_reason_t get_enum(parser_t *p, field_t f, const usage_enum_t *e,
+                               char *out)
 {
     const char *name = field_names[f];
     const char *s;
@@ -571,13 +571,15 @@ static usage_reason_t get_enum(parser_t *p, field_t f,
     if (len > USAGE_ENUM_MAX || !usage_enum_contains(e, s)) {
         char text[ECHO_MAX + 4];
         echo_text(s, len, text);
-        return fail(p, USAGE_ERR_UNKNOWN_ENUM, "%s: unknown value \"%s\"",
-                    name, text);
+        return fail(p, USAGE_ERR_UNKNOWN_ENUM, "%s: unknown value \"%s\"", name,
+                    text);
     }
     memcpy(out, s, len + 1);
     return USAGE_OK;
 }
 
+/* Absent or 1. A non-integer is wrong_type, another integer a version
+ * this worker does not know. */
 static usage_reason_t get_schema_version(parser_t *p)
 {
     char d[96];
@@ -595,6 +597,8 @@ static usage_reason_t get_schema_version(parser_t *p)
     return USAGE_OK;
 }
 
+/* The producer's key (1..512 bytes, no controls, not kafka:*), or the
+ * implicit kafka:<topic>:<partition>:<offset> with key_implicit set. */
 static usage_reason_t get_key(parser_t *p)
 {
     const char *s;
@@ -672,6 +676,8 @@ static usage_reason_t get_occurred_at(parser_t *p)
     return USAGE_OK;
 }
 
+/* An object or absent. ev->metadata points at the value's raw bytes in
+ * buf, as the pre-scan found them, and their count is what is limited. */
 static usage_reason_t get_metadata(parser_t *p, const prescan_t *ps,
                                    const char *buf)
 {
@@ -763,7 +769,7 @@ static uint64_t payload_hash(const usage_event_t *ev)
 /* Whether a raw NUL byte sits inside a string at or before `limit`:
  * jansson reports it as a syntax error ("control character 0x0"), the
  * contract as U+0000 in a string. Error path only. */
-static bool raw_nul_in_string(const char *buf, size_t len, size_t limit)
+bool raw_nul_in_string(const char *buf, size_t len, size_t limit)
 {
     bool in_string = false;
     for (size_t i = 0; i < len && i <= limit; i++) {
@@ -851,8 +857,8 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
                                  usage_event_t *ev, char *errstr,
                                  size_t errstr_size)
 {
-    parser_t p = {.ctx = ctx, .ev = ev, .errstr = errstr,
-                  .errstr_size = errstr_size};
+    parser_t p = {
+        .ctx = ctx, .ev = ev, .errstr = errstr, .errstr_size = errstr_size};
     usage_reason_t r;
     prescan_t ps;
     json_error_t jerr;
@@ -887,8 +893,8 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
         (r = get_id(&p, F_TENANT_ID, true, ev->tenant_id)) != USAGE_OK ||
         (r = get_key(&p)) != USAGE_OK ||
         (r = get_count(&p, F_TOKENS, true, &ev->tokens)) != USAGE_OK ||
-        (r = get_enum(&p, F_TOKEN_TYPE, ctx->token_types,
-                      ev->token_type)) != USAGE_OK ||
+        (r = get_enum(&p, F_TOKEN_TYPE, ctx->token_types, ev->token_type)) !=
+            USAGE_OK ||
         (r = get_enum(&p, F_OPERATION, ctx->operations, ev->operation)) !=
             USAGE_OK ||
         (r = get_text(&p, F_MODEL, USAGE_MODEL_MAX, ev->model, &model,
@@ -904,8 +910,8 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
             USAGE_OK ||
         (r = get_count(&p, F_COMPLETION_TOKENS, false,
                        &ev->completion_tokens)) != USAGE_OK ||
-        (r = get_count(&p, F_THOUGHTS_TOKENS, false,
-                       &ev->thoughts_tokens)) != USAGE_OK ||
+        (r = get_count(&p, F_THOUGHTS_TOKENS, false, &ev->thoughts_tokens)) !=
+            USAGE_OK ||
         (r = get_count(&p, F_CACHED_TOKENS, false, &ev->cached_tokens)) !=
             USAGE_OK ||
         (r = get_occurred_at(&p)) != USAGE_OK ||

@@ -110,6 +110,20 @@ bool usage_is_id(const char *s, size_t len); /* ^[A-Za-z0-9_.@-]{1,128}$ */
 bool usage_has_no_control_chars(const char *s, size_t len);
 bool usage_enum_contains(const usage_enum_t *e, const char *value);
 
+/* Raw-JSON helpers, also used by the cache-invalidation parser so that
+ * both event kinds map the same faults to the same reasons. */
+struct json_t;
+/* What a member held, for errstr: "\"text\"" (sanitised, cut at 64
+ * bytes), "1000 (a real number)", "true", "an object", ... Returns buf,
+ * or a static string. */
+const char *describe(const struct json_t *v, char *buf, size_t size);
+/* Index of the '"' that closes the JSON string whose first byte (after
+ * the opening quote) is buf[start], or len if it is unterminated. */
+size_t string_end(const char *buf, size_t start, size_t len);
+/* Whether a raw NUL byte sits inside a JSON string at or before byte
+ * `limit` (jansson calls it a syntax error, the contract U+0000). */
+bool raw_nul_in_string(const char *buf, size_t len, size_t limit);
+
 /* Fills the contract's initial values of tally.token_type (llm, embedding)
  * and tally.operation_type (chat, query, vector_search, embedding,
  * ingestion), for tests and tools without Postgres. Either may be NULL. */

@@ -1,6 +1,9 @@
 /* tally worker and tally migrate: configuration and start-up. */
 #include <signal.h>
 #include <stdio.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -163,6 +166,11 @@ int worker_main(int argc, char **argv)
     if (rc >= 0)
         goto out;
     rc = 1;
+#ifdef __GLIBC__
+    /* A few threads (librdkafka's, the committer, metrics) each get a
+     * malloc arena by default; two keep the peak RSS down. */
+    mallopt(M_ARENA_MAX, 2);
+#endif
 
     /* Order matters: signals, metrics, Postgres (schema, enums), the
      * dead-letter producer, then the consumer that needs them all. */

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of tally worker on this machine, with tally
+# devbroker, Postgres and the worker side by side.
+#
+#   scripts/bench.sh [EVENTS] [PARTITIONS]   (default 1000000, 48)
+#
+# Produces EVENTS events (3000 tenants with skewed popularity, a handful of
+# models and operations, 5% duplicates, 90% from the last two days and a
+# tail over 30 days) as a backlog, then starts one worker and measures:
+# events/s from the first message consumed to the last sum committed, the
+# worker's peak RSS (VmHWM), and where the time went (the worker's own
+# counters, and CPU seconds of the worker, Postgres and the broker).
+# Finally it checks the sums against the generator's expectation.
+# The mock broker keeps 5 MiB per partition: keep PARTITIONS >= EVENTS/25k.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+events=${1:-1000000}
+partitions=${2:-48}
+batch_args=${BENCH_WORKER_ARGS:-}
+
+bash "$here/scripts/deps.sh"
+bash "$here/scripts/build.sh" "$here/build-bench" -DBUILD_TESTING=OFF
+TALLY=$here/build-bench/worker/tally
+GEN=$here/build-bench/worker/tally-gen
+# shellcheck source=stack.sh
+source "$here/scripts/stack.sh"
+
+dir=$(mktemp -d /tmp/tally-bench.XXXXXX)
+wpid=""
+cleanup() {
+  [ -n "$wpid" ] && kill -KILL "$wpid" 2>/dev/null
+  stack_stop "$dir"
+  [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir"
+}
+trap cleanup EXIT
+stack_start "$dir" "$partitions" >/dev/null
+# shellcheck disable=SC1091
+source "$dir/env"
+
+cpu_s() { # CPU seconds (user+sys) of the given pids, summed
+  local t=0 pid
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+  done
+  echo "scale=1; $t / $(getconf CLK_TCK)" | bc
+}
+pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
+
+echo "== generating $events events"
+"$GEN" --count "$events" --tenants 3000 --seed 11 --dup-rate 0.05 \
+  --expect "$dir/expect" >"$dir/events.jsonl"
+lines=$(awk '$1 == "lines" { print $2 }' "$dir/expect.summary")
+buckets=$(awk '$1 == "buckets" { print $2 }' "$dir/expect.summary")
+echo "   $lines lines, $(du -m "$dir/events.jsonl" | cut -f1) MiB," \
+     "$buckets daily buckets"
+
+echo "== producing the backlog to $partitions partitions"
+t0=$(date +%s.%N)
+"$TALLY" produce --file "$dir/events.jsonl" 2>"$dir/produce.log"
+t1=$(date +%s.%N)
+echo "   $(echo "scale=0; $lines / ($t1 - $t0)" | bc) lines/s"
+
+port=$(stack_free_port)
+broker_pid=$(cat "$dir/broker/pid")
+pg_cpu0=$(cpu_s $(pg_pids))
+broker_cpu0=$(cpu_s "$broker_pid")
+echo "== consuming with one worker $batch_args"
+# shellcheck disable=SC2086
+"$TALLY" worker --metrics-addr "127.0.0.1:$port" $batch_args \
+  >"$dir/worker.log" 2>&1 &
+wpid=$!
+rss_peak=0
+while :; do
+  got=$($PSQL -At -c "SELECT coalesce(sum(next_offset), 0)
+                      FROM tally.consumer_offsets" 2>/dev/null || echo 0)
+  [ "$got" = "$lines" ] && break
+  kill -0 "$wpid" 2>/dev/null || { tail "$dir/worker.log"; exit 1; }
+  sleep 0.5
+done
+rss_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$wpid/status")
+curl -s "127.0.0.1:$port/metrics" >"$dir/metrics"
+worker_cpu=$(cpu_s "$wpid")
+pg_cpu=$(echo "$(cpu_s $(pg_pids)) - $pg_cpu0" | bc)
+broker_cpu=$(echo "$(cpu_s "$broker_pid") - $broker_cpu0" | bc)
+kill -TERM "$wpid"
+wait "$wpid" || true
+wpid=""
+
+first=$(grep -m1 "first message" "$dir/worker.log" | cut -d' ' -f1)
+last=$($PSQL -At -c "SELECT to_char(max(updated_at) AT TIME ZONE 'UTC',
+                      'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                     FROM tally.consumer_offsets")
+secs=$(echo "$(date -d "$last" +%s.%N) - $(date -d "$first" +%s.%N)" | bc)
+metric() { awk -v m="$1" '$1 == m { print $2 }' "$dir/metrics"; }
+counted=$(metric tally_usage_events_counted_total)
+
+echo "== checking the sums against what was produced"
+$PSQL -At -F $'\t' -c "SELECT tenant_id, day, token_type, operation, model,
+    agent_id, tokens, prompt_tokens, completion_tokens, thoughts_tokens,
+    cached_tokens, events FROM tally.token_usage_daily" |
+  LC_ALL=C sort >"$dir/daily.tsv"
+if LC_ALL=C sort "$dir/expect" | cmp -s - "$dir/daily.tsv"; then
+  exact="exact"
+else
+  exact="MISMATCH"
+fi
+
+cat <<OUT
+== result ($(nproc) cores, $(uname -m), librdkafka $(dpkg-query -W -f='${Version}' librdkafka-dev))
+   messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates)
+   first msg -> last commit  ${secs} s
+   throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
+   worker peak RSS     $((rss_peak / 1024)) MiB
+   batches             $(metric tally_usage_batches_total)
+   worker time: parse $(echo "scale=1; $(metric tally_usage_parse_nanoseconds_total) / 1000000000" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_nanoseconds_total) / 1000000000" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_nanoseconds_total) / 1000000000" | bc) s
+   postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_micros_total) / 1000000" | bc) s in the committer thread
+   CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu
+   sums                $exact
+OUT
+[ "$exact" = "exact" ]
