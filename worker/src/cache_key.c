@@ -14,7 +14,7 @@ static const char *const conversation_types[] = {
     "conversation_message",
     "conversation_messages_list",
 };
-#define N_CONVERSATION_TYPES \
+#define N_CONVERSATION_TYPES                                                   \
     (sizeof(conversation_types) / sizeof(conversation_types[0]))
 
 /* ------------------------------------------------------------------ */
@@ -164,8 +164,7 @@ static bool is_valid(const invalidation_t *inv)
         return false;
     bool all = strcmp(r, "*") == 0;
     return usage_is_id(inv->tenant_id, strlen(inv->tenant_id)) &&
-           invalidation_is_data_type(inv->data_type,
-                                     strlen(inv->data_type)) &&
+           invalidation_is_data_type(inv->data_type, strlen(inv->data_type)) &&
            (all || usage_is_id(r, strlen(r))) && optional_id(inv->agent_id) &&
            optional_id(inv->conversation_id) &&
            optional_id(inv->collection_id) && !(all && inv->cascade);
@@ -174,8 +173,8 @@ static bool is_valid(const invalidation_t *inv)
 int cache_targets_build(const invalidation_t *inv, const char *prefix,
                         cache_targets_t *out)
 {
-    builder_t b = {.inv = inv, .prefix = prefix ? prefix : CACHE_PREFIX_DEFAULT,
-                   .t = out};
+    builder_t b = {
+        .inv = inv, .prefix = prefix ? prefix : CACHE_PREFIX_DEFAULT, .t = out};
     int rc = -1;
 
     memset(out, 0, sizeof(*out));
@@ -246,8 +245,7 @@ size_t cache_glob_escape(const char *prefix, char *out, size_t out_size)
     return need;
 }
 
-bool cache_key_has_prefix(const char *key, size_t key_len,
-                          const char *prefix)
+bool cache_key_has_prefix(const char *key, size_t key_len, const char *prefix)
 {
     size_t n = strlen(prefix);
     return n <= key_len && memcmp(key, prefix, n) == 0;

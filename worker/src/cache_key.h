@@ -96,7 +96,6 @@ size_t cache_glob_escape(const char *prefix, char *out, size_t out_size);
 
 /* Whether key (key_len bytes, not necessarily NUL-terminated) starts
  * with prefix: client-side filtering of SCAN results. */
-bool cache_key_has_prefix(const char *key, size_t key_len,
-                          const char *prefix);
+bool cache_key_has_prefix(const char *key, size_t key_len, const char *prefix);
 
 #endif

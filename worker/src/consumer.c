@@ -170,10 +170,12 @@ static void consumer_metrics_init(consumer_metrics_t *m)
 /* ---------------------------------------------------------------- */
 /* Partitions                                                         */
 
+/* The state of `partition` (>= 0: librdkafka's partitions always are),
+ * grown on demand. Never NULL. */
 static part_t *consumer_part(consumer_t *c, int32_t partition)
 {
     if (partition < 0)
-        return NULL;
+        abort();
     if (partition >= c->n_parts) {
         int32_t n = partition + 1;
         part_t *p = realloc(c->parts, (size_t)n * sizeof(*p));

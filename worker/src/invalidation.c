@@ -54,7 +54,7 @@ bool invalidation_is_data_type(const char *s, size_t len)
 /* Pre-scan of the raw bytes                                          */
 /* ------------------------------------------------------------------ */
 
-/* One pass over the raw message, outside strings only (string_end() of
+/* One pass over the raw message, outside strings only (usage_json_string_end() of
  * the token-usage parser skips them): returns -1 as soon as nesting
  * passes INVALIDATION_MAX_DEPTH, before jansson recurses into it, and
  * puts the first byte that is not whitespace in *first ('\0' if none),
@@ -72,7 +72,7 @@ static int prescan(const char *buf, size_t len, char *first)
             *first = c;
         switch (c) {
         case '"':
-            i = string_end(buf, i + 1, len);
+            i = usage_json_string_end(buf, i + 1, len);
             break;
         case '{':
         case '[':
@@ -164,9 +164,8 @@ static void collect_members(parser_t *p)
 
 /* A string member; *s is NULL when absent (then missing_field if
  * required). */
-static invalidation_reason_t get_string(parser_t *p, field_t f,
-                                        bool required, const char **s,
-                                        size_t *len)
+static invalidation_reason_t get_string(parser_t *p, field_t f, bool required,
+                                        const char **s, size_t *len)
 {
     char d[96];
     json_t *v = p->members[f];
@@ -181,7 +180,7 @@ static invalidation_reason_t get_string(parser_t *p, field_t f,
     if (!json_is_string(v))
         return fail(p, INVALIDATION_ERR_WRONG_TYPE,
                     "%s: must be a string, got %s", field_names[f],
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     *s = json_string_value(v);
     *len = json_string_length(v);
     return INVALIDATION_OK;
@@ -203,7 +202,7 @@ static invalidation_reason_t get_id(parser_t *p, field_t f, bool required,
                     "%s: must match ^[A-Za-z0-9_.@-]{1,128}$%s, got %s "
                     "(%zu bytes)",
                     field_names[f], allow_all ? " or be \"*\"" : "",
-                    describe(p->members[f], d, sizeof(d)), len);
+                    usage_json_describe(p->members[f], d, sizeof(d)), len);
     memcpy(out, s, len + 1);
     return INVALIDATION_OK;
 }
@@ -220,7 +219,7 @@ static invalidation_reason_t get_data_type(parser_t *p)
         return fail(p, INVALIDATION_ERR_INVALID_DATA_TYPE,
                     "data_type: must match ^[a-z0-9_]{1,64}$, got %s "
                     "(%zu bytes)",
-                    describe(p->members[F_DATA_TYPE], d, sizeof(d)), len);
+                    usage_json_describe(p->members[F_DATA_TYPE], d, sizeof(d)), len);
     memcpy(p->out->data_type, s, len + 1);
     return INVALIDATION_OK;
 }
@@ -236,7 +235,7 @@ static invalidation_reason_t get_bool(parser_t *p, field_t f, bool *out)
     if (!json_is_boolean(v))
         return fail(p, INVALIDATION_ERR_WRONG_TYPE,
                     "%s: must be true or false, got %s", field_names[f],
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     *out = json_is_true(v);
     return INVALIDATION_OK;
 }
@@ -250,11 +249,11 @@ static invalidation_reason_t get_schema_version(parser_t *p)
     if (!json_is_integer(v))
         return fail(p, INVALIDATION_ERR_WRONG_TYPE,
                     "schema_version: must be the integer 1, got %s",
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     if (json_integer_value(v) != 1)
         return fail(p, INVALIDATION_ERR_SCHEMA_VERSION,
                     "schema_version: only 1 is supported, got %s",
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     return INVALIDATION_OK;
 }
 
@@ -276,7 +275,7 @@ static invalidation_reason_t get_event_id(parser_t *p)
     if (!usage_has_no_control_chars(s, len))
         return fail(p, INVALIDATION_ERR_INVALID_STRING,
                     "event_id: control character in %s",
-                    describe(p->members[F_EVENT_ID], d, sizeof(d)));
+                    usage_json_describe(p->members[F_EVENT_ID], d, sizeof(d)));
     memcpy(p->out->event_id, s, len + 1);
     return INVALIDATION_OK;
 }
@@ -289,8 +288,7 @@ static invalidation_reason_t get_event_id(parser_t *p)
  * top-level scalar fails the parse (no JSON_DECODE_ANY) as a syntax
  * error; on that rare path the bytes are parsed once more so that valid
  * JSON that is not an object is reported as not_object. */
-static invalidation_reason_t json_failure(parser_t *p,
-                                          const json_error_t *jerr,
+static invalidation_reason_t json_failure(parser_t *p, const json_error_t *jerr,
                                           const char *buf, size_t len,
                                           char first)
 {
@@ -314,7 +312,7 @@ static invalidation_reason_t json_failure(parser_t *p,
         break;
     case json_error_invalid_syntax:
         if (jerr->position >= 0 &&
-            raw_nul_in_string(buf, len, (size_t)jerr->position)) {
+            usage_json_raw_nul(buf, len, (size_t)jerr->position)) {
             r = INVALIDATION_ERR_NUL_CHARACTER;
             break;
         }
@@ -328,7 +326,7 @@ static invalidation_reason_t json_failure(parser_t *p,
                 char d[96];
                 fail(p, INVALIDATION_ERR_NOT_OBJECT,
                      "the message must be a JSON object, got %s",
-                     describe(any, d, sizeof(d)));
+                     usage_json_describe(any, d, sizeof(d)));
                 json_decref(any);
                 return INVALIDATION_ERR_NOT_OBJECT;
             }
@@ -364,8 +362,8 @@ invalidation_reason_t invalidation_parse(const char *buf, size_t len,
                     "message of %zu bytes, at most %zu", len,
                     max_message_bytes);
     if (prescan(buf, len, &first) != 0)
-        return fail(&p, INVALIDATION_ERR_TOO_DEEP,
-                    "nested more than %d levels", INVALIDATION_MAX_DEPTH);
+        return fail(&p, INVALIDATION_ERR_TOO_DEEP, "nested more than %d levels",
+                    INVALIDATION_MAX_DEPTH);
 
     p.root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!p.root)
@@ -373,7 +371,7 @@ invalidation_reason_t invalidation_parse(const char *buf, size_t len,
     if (!json_is_object(p.root)) {
         r = fail(&p, INVALIDATION_ERR_NOT_OBJECT,
                  "the message must be a JSON object, got %s",
-                 describe(p.root, d, sizeof(d)));
+                 usage_json_describe(p.root, d, sizeof(d)));
         goto out;
     }
     collect_members(&p);
@@ -388,8 +386,8 @@ invalidation_reason_t invalidation_parse(const char *buf, size_t len,
             INVALIDATION_OK ||
         (r = get_id(&p, F_CONVERSATION_ID, false, false,
                     out->conversation_id)) != INVALIDATION_OK ||
-        (r = get_id(&p, F_COLLECTION_ID, false, false,
-                    out->collection_id)) != INVALIDATION_OK ||
+        (r = get_id(&p, F_COLLECTION_ID, false, false, out->collection_id)) !=
+            INVALIDATION_OK ||
         (r = get_bool(&p, F_CASCADE, &out->cascade)) != INVALIDATION_OK ||
         (r = get_bool(&p, F_INVALIDATE_CONVERSATIONS,
                       &out->invalidate_conversations)) != INVALIDATION_OK ||

@@ -17,24 +17,24 @@
  * are the token-usage codes where the meaning is the same. */
 typedef enum {
     INVALIDATION_OK = 0,
-    INVALIDATION_ERR_TOO_LARGE,        /* "too_large" */
-    INVALIDATION_ERR_INVALID_JSON,     /* "invalid_json" */
-    INVALIDATION_ERR_INVALID_UTF8,     /* "invalid_utf8" */
-    INVALIDATION_ERR_NUL_CHARACTER,    /* "nul_character" */
-    INVALIDATION_ERR_DUPLICATE_MEMBER, /* "duplicate_member" */
-    INVALIDATION_ERR_TOO_DEEP,         /* "too_deep": nesting over 32 */
-    INVALIDATION_ERR_NOT_OBJECT,       /* "not_object" */
-    INVALIDATION_ERR_SCHEMA_VERSION,   /* "unsupported_schema_version" */
-    INVALIDATION_ERR_MISSING_FIELD,    /* "missing_field" */
-    INVALIDATION_ERR_WRONG_TYPE,       /* "wrong_type": "true", 1, 1.0 */
-    INVALIDATION_ERR_OUT_OF_RANGE,     /* "out_of_range": a number past
-                                          what the decoder holds (int64,
-                                          double), in any member */
-    INVALIDATION_ERR_INVALID_ID,       /* "invalid_id" */
-    INVALIDATION_ERR_INVALID_STRING,   /* "invalid_string": event_id */
+    INVALIDATION_ERR_TOO_LARGE,         /* "too_large" */
+    INVALIDATION_ERR_INVALID_JSON,      /* "invalid_json" */
+    INVALIDATION_ERR_INVALID_UTF8,      /* "invalid_utf8" */
+    INVALIDATION_ERR_NUL_CHARACTER,     /* "nul_character" */
+    INVALIDATION_ERR_DUPLICATE_MEMBER,  /* "duplicate_member" */
+    INVALIDATION_ERR_TOO_DEEP,          /* "too_deep": nesting over 32 */
+    INVALIDATION_ERR_NOT_OBJECT,        /* "not_object" */
+    INVALIDATION_ERR_SCHEMA_VERSION,    /* "unsupported_schema_version" */
+    INVALIDATION_ERR_MISSING_FIELD,     /* "missing_field" */
+    INVALIDATION_ERR_WRONG_TYPE,        /* "wrong_type": "true", 1, 1.0 */
+    INVALIDATION_ERR_OUT_OF_RANGE,      /* "out_of_range": a number past
+                                           what the decoder holds (int64,
+                                           double), in any member */
+    INVALIDATION_ERR_INVALID_ID,        /* "invalid_id" */
+    INVALIDATION_ERR_INVALID_STRING,    /* "invalid_string": event_id */
     INVALIDATION_ERR_INVALID_DATA_TYPE, /* "invalid_data_type" */
-    INVALIDATION_ERR_CASCADE_WILDCARD, /* "cascade_wildcard": cascade
-                                          with resource_id "*" */
+    INVALIDATION_ERR_CASCADE_WILDCARD,  /* "cascade_wildcard": cascade
+                                           with resource_id "*" */
     INVALIDATION_ERR__COUNT
 } invalidation_reason_t;
 

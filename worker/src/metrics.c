@@ -2,6 +2,7 @@
 #include "metrics.h"
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -11,11 +12,12 @@
 
 #include <microhttpd.h>
 
-#define METRICS_MAX 256
+#define METRICS_MAX 1024
 
 struct metric {
     const char *name;
     const char *labels;
+    char *owned_labels; /* labels of a run-time series, freed never */
     const char *help;
     bool gauge;
     atomic_llong value;
@@ -23,20 +25,70 @@ struct metric {
 
 static metric_t metrics[METRICS_MAX];
 static size_t n_metrics;
+static pthread_mutex_t metrics_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Where counts go when the registry is full: counted, never shown. */
+static metric_t metrics_overflow = {.name = "overflow"};
 static struct MHD_Daemon *daemon_handle;
 
-static metric_t *metrics_register(const char *name, const char *labels,
-                                  const char *help, bool gauge)
+static metric_t *metrics_register_locked(const char *name,
+                                         const char *labels,
+                                         const char *help, bool gauge)
 {
     metric_t *m;
     if (n_metrics >= METRICS_MAX)
         abort(); /* a programming error: raise METRICS_MAX */
-    m = &metrics[n_metrics++];
+    m = &metrics[n_metrics];
     m->name = name;
     m->labels = labels;
     m->help = help;
     m->gauge = gauge;
     atomic_init(&m->value, 0);
+    n_metrics++;
+    return m;
+}
+
+static metric_t *metrics_register(const char *name, const char *labels,
+                                  const char *help, bool gauge)
+{
+    metric_t *m;
+    pthread_mutex_lock(&metrics_lock);
+    m = metrics_register_locked(name, labels, help, gauge);
+    pthread_mutex_unlock(&metrics_lock);
+    return m;
+}
+
+metric_t *metrics_counter_labeled(const char *name, const char *key,
+                                  const char *value, size_t max_values,
+                                  const char *help)
+{
+    char labels[256];
+    size_t same_name = 0;
+    metric_t *m = NULL;
+
+    snprintf(labels, sizeof(labels), "%s=\"%s\"", key, value);
+    pthread_mutex_lock(&metrics_lock);
+    for (size_t i = 0; i < n_metrics; i++) {
+        if (strcmp(metrics[i].name, name) != 0)
+            continue;
+        same_name++;
+        if (metrics[i].labels && !strcmp(metrics[i].labels, labels)) {
+            m = &metrics[i];
+            goto out;
+        }
+    }
+    if (same_name >= max_values || n_metrics >= METRICS_MAX - 16) {
+        pthread_mutex_unlock(&metrics_lock);
+        /* "other" is registered once, below the cap. */
+        return strcmp(value, "other") == 0
+                   ? &metrics_overflow
+                   : metrics_counter_labeled(name, key, "other",
+                                             max_values + 1, help);
+    }
+    m = metrics_register_locked(name, NULL, help, false);
+    m->owned_labels = strdup(labels);
+    m->labels = m->owned_labels;
+out:
+    pthread_mutex_unlock(&metrics_lock);
     return m;
 }
 
@@ -71,6 +123,7 @@ int64_t metric_get(const metric_t *m)
 size_t metrics_render(char *buf, size_t size)
 {
     size_t len = 0;
+    pthread_mutex_lock(&metrics_lock);
     for (size_t i = 0; i < n_metrics && len < size; i++) {
         const metric_t *m = &metrics[i];
         bool first = true;
@@ -89,6 +142,7 @@ size_t metrics_render(char *buf, size_t size)
                                 m->labels ? m->labels : "",
                                 m->labels ? "}" : "", (long long)metric_get(m));
     }
+    pthread_mutex_unlock(&metrics_lock);
     return len < size ? len : size - 1;
 }
 
@@ -99,7 +153,7 @@ static enum MHD_Result metrics_answer(void *cls,
                                       const char *upload_data,
                                       size_t *upload_data_size, void **ptr)
 {
-    static char body[65536];
+    static char body[262144];
     struct MHD_Response *resp;
     enum MHD_Result ret;
     unsigned int status = MHD_HTTP_OK;

@@ -7,7 +7,7 @@
 
 typedef struct metric metric_t;
 
-/* Registers a series (at start, before metrics_start; not thread-safe).
+/* Registers a series (thread-safe).
  * `labels` is NULL or the label set, e.g. "reason=\"too_old\"". Series
  * with one name share its HELP line. Returns a handle that lives until
  * exit; never NULL. */
@@ -15,6 +15,14 @@ metric_t *metrics_counter(const char *name, const char *labels,
                           const char *help);
 metric_t *metrics_gauge(const char *name, const char *labels,
                         const char *help);
+
+/* The series `name` with the one label key=value (value copied), found or
+ * registered now; thread-safe, for label values known only at run time
+ * (e.g. a data_type). At most `max_values` distinct values per name;
+ * beyond that, value "other" is used. Never NULL. */
+metric_t *metrics_counter_labeled(const char *name, const char *key,
+                                  const char *value, size_t max_values,
+                                  const char *help);
 
 void metric_add(metric_t *m, uint64_t n);
 void metric_set(metric_t *m, int64_t v);

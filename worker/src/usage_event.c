@@ -212,7 +212,7 @@ static bool name_is_metadata(const char *s, size_t n)
 
 /* Index of the quote that closes the string whose first byte is at start,
  * or len. memchr() does the scanning: strings are most of a message. */
-size_t string_end(const char *buf, size_t start, size_t len)
+size_t usage_json_string_end(const char *buf, size_t start, size_t len)
 {
     size_t i = start;
     for (;;) {
@@ -256,7 +256,7 @@ static int prescan(const char *buf, size_t len, prescan_t *ps)
         switch (c) {
         case '"': {
             size_t start = i + 1;
-            i = string_end(buf, start, len);
+            i = usage_json_string_end(buf, start, len);
             if (i >= len)
                 return 0; /* unterminated: jansson reports it */
             if (depth == 1 && want_key) {
@@ -400,7 +400,7 @@ static void echo_text(const char *s, size_t len, char *out)
 }
 
 /* "a string \"...\"", "1000 (a real number)", ...: what a field held. */
-const char *describe(const json_t *v, char *buf, size_t size)
+const char *usage_json_describe(const json_t *v, char *buf, size_t size)
 {
     char text[ECHO_MAX + 4];
     switch (json_typeof(v)) {
@@ -478,12 +478,12 @@ static usage_reason_t get_count(parser_t *p, field_t f, bool required,
     if (!json_is_integer(v))
         return fail(p, USAGE_ERR_WRONG_TYPE,
                     "%s: must be a JSON integer 0..10^12, got %s", name,
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     json_int_t n = json_integer_value(v);
     if (n < 0 || n > USAGE_TOKENS_MAX)
         return fail(p, USAGE_ERR_OUT_OF_RANGE,
                     "%s: must be an integer 0..10^12, got %s", name,
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     *out = n;
     return USAGE_OK;
 }
@@ -505,7 +505,7 @@ static usage_reason_t get_string(parser_t *p, field_t f, bool required,
     }
     if (!json_is_string(v))
         return fail(p, USAGE_ERR_WRONG_TYPE, "%s: must be a string, got %s",
-                    name, describe(v, d, sizeof(d)));
+                    name, usage_json_describe(v, d, sizeof(d)));
     *s = json_string_value(v);
     *len = json_string_length(v);
     return USAGE_OK;
@@ -589,11 +589,11 @@ static usage_reason_t get_schema_version(parser_t *p)
     if (!json_is_integer(v))
         return fail(p, USAGE_ERR_WRONG_TYPE,
                     "schema_version: must be the integer 1, got %s",
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     if (json_integer_value(v) != 1)
         return fail(p, USAGE_ERR_SCHEMA_VERSION,
                     "schema_version: only 1 is supported, got %s",
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     return USAGE_OK;
 }
 
@@ -688,7 +688,7 @@ static usage_reason_t get_metadata(parser_t *p, const prescan_t *ps,
     if (!json_is_object(v))
         return fail(p, USAGE_ERR_WRONG_TYPE,
                     "metadata: must be an object, got %s",
-                    describe(v, d, sizeof(d)));
+                    usage_json_describe(v, d, sizeof(d)));
     if (!ps->meta_found) /* cannot happen once jansson accepted the bytes */
         return fail(p, USAGE_ERR_INVALID_JSON, "metadata: value not found");
     size_t n = ps->meta_end - ps->meta_start;
@@ -769,7 +769,7 @@ static uint64_t payload_hash(const usage_event_t *ev)
 /* Whether a raw NUL byte sits inside a string at or before `limit`:
  * jansson reports it as a syntax error ("control character 0x0"), the
  * contract as U+0000 in a string. Error path only. */
-bool raw_nul_in_string(const char *buf, size_t len, size_t limit)
+bool usage_json_raw_nul(const char *buf, size_t len, size_t limit)
 {
     bool in_string = false;
     for (size_t i = 0; i < len && i <= limit; i++) {
@@ -822,7 +822,7 @@ static usage_reason_t json_failure(parser_t *p, const json_error_t *jerr,
         break;
     case json_error_invalid_syntax:
         if (jerr->position >= 0 &&
-            raw_nul_in_string(buf, len, (size_t)jerr->position)) {
+            usage_json_raw_nul(buf, len, (size_t)jerr->position)) {
             r = USAGE_ERR_NUL_CHARACTER;
             break;
         }
@@ -836,7 +836,7 @@ static usage_reason_t json_failure(parser_t *p, const json_error_t *jerr,
                 char d[96];
                 fail(p, USAGE_ERR_NOT_OBJECT,
                      "the message must be a JSON object, got %s",
-                     describe(any, d, sizeof(d)));
+                     usage_json_describe(any, d, sizeof(d)));
                 json_decref(any);
                 return USAGE_ERR_NOT_OBJECT;
             }
@@ -882,7 +882,7 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
     if (!json_is_object(p.root)) {
         r = fail(&p, USAGE_ERR_NOT_OBJECT,
                  "the message must be a JSON object, got %s",
-                 describe(p.root, d, sizeof(d)));
+                 usage_json_describe(p.root, d, sizeof(d)));
         goto out;
     }
     collect_members(&p);

@@ -116,13 +116,14 @@ struct json_t;
 /* What a member held, for errstr: "\"text\"" (sanitised, cut at 64
  * bytes), "1000 (a real number)", "true", "an object", ... Returns buf,
  * or a static string. */
-const char *describe(const struct json_t *v, char *buf, size_t size);
+const char *usage_json_describe(const struct json_t *v, char *buf,
+                                size_t size);
 /* Index of the '"' that closes the JSON string whose first byte (after
  * the opening quote) is buf[start], or len if it is unterminated. */
-size_t string_end(const char *buf, size_t start, size_t len);
+size_t usage_json_string_end(const char *buf, size_t start, size_t len);
 /* Whether a raw NUL byte sits inside a JSON string at or before byte
  * `limit` (jansson calls it a syntax error, the contract U+0000). */
-bool raw_nul_in_string(const char *buf, size_t len, size_t limit);
+bool usage_json_raw_nul(const char *buf, size_t len, size_t limit);
 
 /* Fills the contract's initial values of tally.token_type (llm, embedding)
  * and tally.operation_type (chat, query, vector_search, embedding,

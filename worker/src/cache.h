@@ -1,0 +1,48 @@
+/* Redis: UNLINK exact keys, SCAN prefix sets, PUBLISH notices (hiredis). */
+#ifndef TALLY_CACHE_H
+#define TALLY_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache_key.h"
+
+typedef struct cache cache_t;
+
+/* One invalidation to apply: what it names, and what Redis did. */
+typedef struct {
+    const cache_targets_t *targets; /* borrowed */
+    const char *tenant_id;          /* for the notice */
+    const char *event_id;           /* "" when the event had none */
+    uint64_t deleted;               /* out: keys Redis removed for it */
+    uint64_t prefix_matches;        /* out: keys found under its prefixes */
+} cache_job_t;
+
+/* Parses redis://[[user]:password@]host[:port][/db] (also a bare
+ * host:port). NULL with errstr on a bad URL. Does not connect. */
+cache_t *cache_new(const char *url, char *errstr, size_t errstr_size);
+void cache_free(cache_t *c);
+
+/* Connects if not connected (timeouts: 5 s connect, 30 s per command),
+ * AUTH and SELECT as the URL says. 0, or -1 with errstr. */
+int cache_connect(cache_t *c, char *errstr, size_t errstr_size);
+bool cache_is_connected(const cache_t *c);
+void cache_disconnect(cache_t *c);
+
+/* Applies the jobs in order: every exact key UNLINKed (many keys per
+ * command, pipelined, each key's outcome known so that jobs[i].deleted is
+ * exact); every prefix of every job found in ONE SCAN pass (MATCH on the
+ * prefixes' common prefix, COUNT scan_count) with keys filtered
+ * client-side against all prefixes and UNLINKed likewise (a key under
+ * several jobs' prefixes counts for the first); then one notice per job,
+ * in order, PUBLISHed on `channel`:
+ *   {"tenant_id":..,"keys":[..],"prefixes":[..],"deleted":N,"event_id":..}
+ * (event_id only when set). Returns 0 when Redis confirmed everything,
+ * -1 with errstr otherwise (the connection is dropped if it broke; the
+ * caller retries the same jobs later: deletes are idempotent). */
+int cache_apply(cache_t *c, cache_job_t *jobs, size_t n,
+                const char *channel, long scan_count, char *errstr,
+                size_t errstr_size);
+
+#endif

@@ -1,0 +1,39 @@
+/* The cache-invalidation consumer: poll, validate, apply to Redis, notify. */
+#ifndef TALLY_INVALIDATOR_H
+#define TALLY_INVALIDATOR_H
+
+#include <signal.h>
+#include <stddef.h>
+
+#include "cache.h"
+#include "config.h"
+#include "dead_letter.h"
+
+typedef struct {
+    const config_t *cfg; /* for -X pass-through */
+    const char *brokers;
+    const char *group;
+    const char *topic;
+    const char *dlq_topic;
+    const char *start_from;   /* "earliest" or "latest": no committed offset */
+    const char *cache_prefix; /* --cache-prefix */
+    const char *channel;      /* where notices go */
+    size_t batch_size;        /* invalidations per Redis round at most */
+    int batch_ms;
+    size_t max_message_bytes;
+    long scan_count;       /* SCAN COUNT */
+    cache_t *cache;        /* borrowed; this thread's own connection */
+    dead_letter_t *dlq;    /* borrowed */
+    volatile sig_atomic_t *stop;
+} invalidator_conf_t;
+
+/* Consumes `topic` until *stop: each batch of invalidations is applied to
+ * Redis, then the notices are published, then the offsets are committed
+ * to the Kafka group (at least once: deletes are idempotent). Redis down:
+ * the partitions are rewound to the batch's first offsets and paused, and
+ * it retries with backoff (1 s doubling to 60 s), keeping its membership.
+ * Returns 0 on a clean stop, -1 with errstr on a fatal error. */
+int invalidator_run(const invalidator_conf_t *conf, char *errstr,
+                    size_t errstr_size);
+
+#endif
