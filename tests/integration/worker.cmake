@@ -8,3 +8,11 @@ function(tally_worker_test name)
 endfunction()
 
 tally_worker_test(worker_totals 300000)
+tally_worker_test(worker_race)
+
+# cache.c against a private redis-server (tests/unit/test_cache_redis.c).
+add_test(NAME integration_cache
+         COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/test_cache.sh
+                 $<TARGET_FILE:test_cache_redis>)
+set_tests_properties(integration_cache PROPERTIES
+                     TIMEOUT 300 LABELS integration)

@@ -24,6 +24,10 @@ typedef struct {
 cache_t *cache_new(const char *url, char *errstr, size_t errstr_size);
 void cache_free(cache_t *c);
 
+/* Writes "[user@]host:port/db" -- never the password -- for logs.
+ * Returns what snprintf() returns. */
+int cache_describe(const cache_t *c, char *buf, size_t size);
+
 /* Connects if not connected (timeouts: 5 s connect, 30 s per command),
  * AUTH and SELECT as the URL says. 0, or -1 with errstr. */
 int cache_connect(cache_t *c, char *errstr, size_t errstr_size);
@@ -40,7 +44,11 @@ void cache_disconnect(cache_t *c);
  *   {"tenant_id":..,"keys":[..],"prefixes":[..],"deleted":N,"event_id":..}
  * (event_id only when set). Returns 0 when Redis confirmed everything,
  * -1 with errstr otherwise (the connection is dropped if it broke; the
- * caller retries the same jobs later: deletes are idempotent). */
+ * caller retries the same jobs later: deletes are idempotent).
+ * Connects first when not connected; resets every job's counters before
+ * starting (after a retry they count only what that attempt removed);
+ * scan_count <= 0 means 1000. Any failure drops the connection, so that
+ * no half-read pipeline survives. */
 int cache_apply(cache_t *c, cache_job_t *jobs, size_t n,
                 const char *channel, long scan_count, char *errstr,
                 size_t errstr_size);

@@ -446,22 +446,32 @@ static bool consumer_collect(consumer_t *c, bool wait)
 
     if (com->status == STORE_FENCED) {
         for (size_t i = 0; i < com->n; i++) {
-            part_t *p;
-            if (!com->pos[i].fenced)
-                continue;
-            p = consumer_part(c, com->pos[i].partition);
-            p->state = PART_FENCED;
-            p->fenced_at_ms = now_ms();
-            log_warn("%s [%" PRId32 "]: fenced: another member claimed it "
-                     "(epoch %" PRId64 " is no longer current); not "
-                     "committing, pausing until the group settles",
-                     c->conf->topic, com->pos[i].partition,
-                     com->pos[i].epoch);
+            if (com->pos[i].fenced)
+                log_warn("%s [%" PRId32 "]: fenced: another member claimed "
+                         "it (epoch %" PRId64 " is no longer current); not "
+                         "committing",
+                         c->conf->topic, com->pos[i].partition,
+                         com->pos[i].epoch);
         }
+        /* Being fenced means our view of the group is stale (a zombie
+         * after a pause, typically): claiming any partition now could
+         * take it from its rightful owner. All wait for librdkafka to
+         * report the rebalance; one still ours after FENCE_RETRY_MS is
+         * claimed again. */
+        consumer_abandon_batch(c, "the batch before it was fenced");
+        for (int32_t i = 0; i < c->n_parts; i++) {
+            part_t *p = &c->parts[i];
+            if (p->assigned && p->state != PART_FENCED) {
+                p->state = PART_FENCED;
+                p->fenced_at_ms = now_ms();
+            }
+        }
+        log_warn("fenced: pausing all %s partitions until the group "
+                 "settles (at most %d s)",
+                 c->conf->topic, FENCE_RETRY_MS / 1000);
         metric_add(c->m.fenced, 1);
         metric_add(c->m.batch_failures, 1);
         consumer_pause_state(c, PART_FENCED);
-        consumer_abandon_batch(c, "the batch before it was fenced");
     } else if (com->status != STORE_OK) {
         log_warn("batch of %zu messages not committed: %s", com->msgs,
                  com->err);

@@ -8,10 +8,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
+#include "cache.h"
 #include "commands.h"
 #include "config.h"
 #include "consumer.h"
 #include "dead_letter.h"
+#include "invalidator.h"
 #include "log.h"
 #include "metrics.h"
 #include "store.h"
@@ -43,6 +47,19 @@ static const opt_def_t worker_opts[] = {
      "cache-invalidation topic (empty: not consumed)"},
     {"usage-dlq-topic", "TALLY_USAGE_DLQ_TOPIC", OPT_STR, "", 0, 0, NULL,
      "TOPIC", "dead letters of token-usage (empty: <usage-topic>.dlq)"},
+    {"invalidation-dlq-topic", "TALLY_INVALIDATION_DLQ_TOPIC", OPT_STR, "", 0,
+     0, NULL, "TOPIC",
+     "dead letters of cache-invalidation (empty: <topic>.dlq)"},
+    {"cache-prefix", "TALLY_CACHE_PREFIX", OPT_STR, "cache", 1, 0, NULL,
+     "PREFIX", "first segment of every Redis cache key"},
+    {"notify-channel", "TALLY_NOTIFY_CHANNEL", OPT_STR, "cache:invalidations",
+     1, 0, NULL, "CHANNEL", "Redis channel of the invalidation notices"},
+    {"invalidation-batch-size", "TALLY_INVALIDATION_BATCH_SIZE", OPT_INT,
+     "500", 1, 100000, NULL, "N", "invalidations per Redis round at most"},
+    {"invalidation-batch-ms", "TALLY_INVALIDATION_BATCH_MS", OPT_INT, "50", 1,
+     60000, NULL, "MS", "apply invalidations at least this often"},
+    {"scan-count", "TALLY_SCAN_COUNT", OPT_INT, "1000", 10, 1000000, NULL,
+     "N", "COUNT hint of the SCAN that finds wildcard keys"},
     {"start-from", "TALLY_START_FROM", OPT_CHOICE, "earliest", 0, 0,
      "earliest|latest", "WHERE",
      "where a partition with no stored position starts"},
@@ -147,22 +164,134 @@ int migrate_main(int argc, char **argv)
     return rc;
 }
 
+/* What each pipeline thread needs, and how it ended. */
+typedef struct {
+    config_t *cfg;
+    const char *topic;
+    char dlq_topic[300];
+    dead_letter_t *dlq;
+    int rc; /* exit code contribution: 0 or 1 */
+} pipeline_t;
+
+static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
+                         char *out, size_t size)
+{
+    if (config_str(cfg, flag)[0])
+        snprintf(out, size, "%s", config_str(cfg, flag));
+    else
+        snprintf(out, size, "%s.dlq", topic);
+}
+
+/* The token-usage pipeline: Postgres (waiting for it), then consuming. */
+static void *usage_thread(void *arg)
+{
+    pipeline_t *pl = arg;
+    config_t *cfg = pl->cfg;
+    consumer_conf_t cc;
+    store_t *st;
+    char err[512], owner[256], host[128];
+    int stored_days = -1;
+
+    gethostname(host, sizeof(host));
+    host[sizeof(host) - 1] = '\0';
+    snprintf(owner, sizeof(owner), "%s/%d", host, (int)getpid());
+    st = store_new(config_str(cfg, "pg-dsn"), config_str(cfg, "group"),
+                   owner);
+    pl->rc = start_store(st, !config_bool(cfg, "no-migrate"));
+    if (pl->rc != 0 || stop_requested)
+        goto out;
+    if (store_read_dedupe_days(st, &stored_days, err, sizeof(err)) == 0 &&
+        stored_days > 0 && stored_days != config_int(cfg, "dedupe-days"))
+        log_warn("--dedupe-days is %lld but tally.settings says %d for "
+                 "track_token_usage(); keep them equal",
+                 config_int(cfg, "dedupe-days"), stored_days);
+
+    memset(&cc, 0, sizeof(cc));
+    cc.cfg = cfg;
+    cc.brokers = config_str(cfg, "brokers");
+    cc.group = config_str(cfg, "group");
+    cc.topic = pl->topic;
+    cc.dlq_topic = pl->dlq_topic;
+    cc.start_from = config_str(cfg, "start-from");
+    cc.batch_size = (size_t)config_int(cfg, "batch-size");
+    cc.batch_bytes = (size_t)config_int(cfg, "batch-bytes");
+    cc.batch_ms = (int)config_int(cfg, "batch-ms");
+    cc.dedupe_days = (int)config_int(cfg, "dedupe-days");
+    cc.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
+    cc.prune_interval_s = (long)config_int(cfg, "prune-interval");
+    cc.store = st;
+    cc.dlq = pl->dlq;
+    cc.stop = &stop_requested;
+    if (consumer_run(&cc, err, sizeof(err)) == -1) {
+        log_error("%s", err);
+        pl->rc = 1;
+    }
+out:
+    store_free(st);
+    if (pl->rc != 0)
+        stop_requested = 1; /* take the other pipeline down too */
+    return NULL;
+}
+
+/* The cache-invalidation pipeline: Redis, then consuming. */
+static void *invalidation_thread(void *arg)
+{
+    pipeline_t *pl = arg;
+    config_t *cfg = pl->cfg;
+    invalidator_conf_t ic;
+    cache_t *cache;
+    char err[512];
+
+    cache = cache_new(config_str(cfg, "redis-url"), err, sizeof(err));
+    if (!cache) {
+        log_error("--redis-url: %s", err);
+        pl->rc = 2;
+        stop_requested = 1;
+        return NULL;
+    }
+    memset(&ic, 0, sizeof(ic));
+    ic.cfg = cfg;
+    ic.brokers = config_str(cfg, "brokers");
+    ic.group = config_str(cfg, "group");
+    ic.topic = pl->topic;
+    ic.dlq_topic = pl->dlq_topic;
+    ic.start_from = config_str(cfg, "start-from");
+    ic.cache_prefix = config_str(cfg, "cache-prefix");
+    ic.channel = config_str(cfg, "notify-channel");
+    ic.batch_size = (size_t)config_int(cfg, "invalidation-batch-size");
+    ic.batch_ms = (int)config_int(cfg, "invalidation-batch-ms");
+    ic.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
+    ic.scan_count = (long)config_int(cfg, "scan-count");
+    ic.cache = cache;
+    ic.dlq = pl->dlq;
+    ic.stop = &stop_requested;
+    if (invalidator_run(&ic, err, sizeof(err)) == -1) {
+        log_error("%s", err);
+        pl->rc = 1;
+        stop_requested = 1;
+    }
+    cache_free(cache);
+    return NULL;
+}
+
 int worker_main(int argc, char **argv)
 {
     config_t cfg;
-    consumer_conf_t cc;
-    store_t *st = NULL;
-    dead_letter_t *dlq = NULL;
-    char err[512], owner[256], host[128], dlq_topic[300];
+    pipeline_t pipes[2];
+    pthread_t threads[2];
+    bool started[2] = {false, false};
+    void *(*runs[2])(void *) = {usage_thread, invalidation_thread};
+    const char *dlq_flags[2] = {"usage-dlq-topic", "invalidation-dlq-topic"};
+    char err[512];
     struct sigaction sa;
-    int stored_days = -1;
     int rc = parse_or_exit(
         &cfg, "worker",
         "Consume token-usage events, count each (tenant, idempotency key) "
-        "exactly once and\nkeep daily and monthly sums in Postgres.",
+        "exactly once and\nkeep daily and monthly sums in Postgres; apply "
+        "cache-invalidation events to Redis.",
         worker_opts, N_OPTS(worker_opts), argc, argv);
-    const char *usage_topic, *inval_topic;
 
+    memset(pipes, 0, sizeof(pipes));
     if (rc >= 0)
         goto out;
     rc = 1;
@@ -172,84 +301,67 @@ int worker_main(int argc, char **argv)
     mallopt(M_ARENA_MAX, 2);
 #endif
 
-    /* Order matters: signals, metrics, Postgres (schema, enums), the
-     * dead-letter producer, then the consumer that needs them all. */
+    /* Order matters: signals, metrics, the dead-letter producers, then
+     * one thread per pipeline. Each has its own connections, so that
+     * Redis down cannot stop counting and Postgres down cannot stop
+     * invalidations. */
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    usage_topic = config_str(&cfg, "usage-topic");
-    inval_topic = config_str(&cfg, "invalidation-topic");
-    if (inval_topic && *inval_topic)
-        log_warn("cache invalidation is not implemented yet: %s is not "
-                 "consumed",
-                 inval_topic);
-    if (!usage_topic || !*usage_topic) {
-        log_error("nothing to consume: --usage-topic is empty");
+    pipes[0].topic = config_str(&cfg, "usage-topic");
+    pipes[1].topic = config_str(&cfg, "invalidation-topic");
+    if (!pipes[0].topic[0] && !pipes[1].topic[0]) {
+        fprintf(stderr, "tally worker: nothing to consume: --usage-topic "
+                        "and --invalidation-topic are both empty\n");
         rc = 2;
         goto out;
     }
     if (metrics_start(config_str(&cfg, "metrics-addr"), err, sizeof(err)) ==
         -1) {
-        log_error("%s", err);
-        goto out;
-    }
-
-    gethostname(host, sizeof(host));
-    host[sizeof(host) - 1] = '\0';
-    snprintf(owner, sizeof(owner), "%s/%d", host, (int)getpid());
-    st = store_new(config_str(&cfg, "pg-dsn"), config_str(&cfg, "group"),
-                   owner);
-    if ((rc = start_store(st, !config_bool(&cfg, "no-migrate"))) != 0 ||
-        stop_requested)
-        goto out;
-    rc = 1;
-    if (store_read_dedupe_days(st, &stored_days, err, sizeof(err)) == 0 &&
-        stored_days > 0 && stored_days != config_int(&cfg, "dedupe-days"))
-        log_warn("--dedupe-days is %lld but tally.settings says %d for "
-                 "track_token_usage(); keep them equal",
-                 config_int(&cfg, "dedupe-days"), stored_days);
-
-    if (config_str(&cfg, "usage-dlq-topic")[0])
-        snprintf(dlq_topic, sizeof(dlq_topic), "%s",
-                 config_str(&cfg, "usage-dlq-topic"));
-    else
-        snprintf(dlq_topic, sizeof(dlq_topic), "%s.dlq", usage_topic);
-    dlq = dead_letter_new(&cfg, config_str(&cfg, "brokers"), err,
-                          sizeof(err));
-    if (!dlq) {
-        log_error("%s", err);
+        fprintf(stderr, "tally worker: %s\n", err);
         rc = 2;
         goto out;
     }
-
-    memset(&cc, 0, sizeof(cc));
-    cc.cfg = &cfg;
-    cc.brokers = config_str(&cfg, "brokers");
-    cc.group = config_str(&cfg, "group");
-    cc.topic = usage_topic;
-    cc.dlq_topic = dlq_topic;
-    cc.start_from = config_str(&cfg, "start-from");
-    cc.batch_size = (size_t)config_int(&cfg, "batch-size");
-    cc.batch_bytes = (size_t)config_int(&cfg, "batch-bytes");
-    cc.batch_ms = (int)config_int(&cfg, "batch-ms");
-    cc.dedupe_days = (int)config_int(&cfg, "dedupe-days");
-    cc.max_message_bytes = (size_t)config_int(&cfg, "max-message-bytes");
-    cc.prune_interval_s = (long)config_int(&cfg, "prune-interval");
-    cc.store = st;
-    cc.dlq = dlq;
-    cc.stop = &stop_requested;
-    if (consumer_run(&cc, err, sizeof(err)) == -1) {
-        log_error("%s", err);
-        goto out;
+    for (int i = 0; i < 2; i++) {
+        pipes[i].cfg = &cfg;
+        if (!pipes[i].topic[0])
+            continue;
+        dlq_topic_of(&cfg, dlq_flags[i], pipes[i].topic, pipes[i].dlq_topic,
+                     sizeof(pipes[i].dlq_topic));
+        pipes[i].dlq = dead_letter_new(&cfg, config_str(&cfg, "brokers"), err,
+                                       sizeof(err));
+        if (!pipes[i].dlq) {
+            fprintf(stderr, "tally worker: %s\n", err);
+            rc = 2;
+            goto out;
+        }
     }
-    log_info("stopped cleanly");
+    for (int i = 0; i < 2; i++) {
+        if (!pipes[i].topic[0])
+            continue;
+        if (pthread_create(&threads[i], NULL, runs[i], &pipes[i]) != 0) {
+            log_error("cannot start a thread");
+            stop_requested = 1;
+            break;
+        }
+        started[i] = true;
+    }
     rc = 0;
+    for (int i = 0; i < 2; i++) {
+        if (!started[i])
+            continue;
+        pthread_join(threads[i], NULL);
+        if (pipes[i].rc > rc)
+            rc = pipes[i].rc;
+    }
+    if (rc == 0)
+        log_info("stopped cleanly");
 out:
-    dead_letter_destroy(dlq);
-    store_free(st);
+    for (int i = 0; i < 2; i++)
+        dead_letter_destroy(pipes[i].dlq);
     metrics_stop();
     config_free(&cfg);
     return rc;

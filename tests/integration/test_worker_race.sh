@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A key committed by someone else between the worker's dedupe check and
+# its insert (here a synchronous track_token_usage() call holding its
+# transaction open): the worker's insert meets a unique violation, falls
+# back to the conflict-tolerant path, and the key counts once.
+#
+# usage: test_worker_race.sh TALLY TALLY_GEN
+source "$(dirname "$0")/lib.sh"
+it_setup "$1" "$2" 2
+
+now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+ev() { # tenant key tokens
+  printf '{"tenant_id":"%s","idempotency_key":"%s","tokens":%s,"token_type":"llm","operation":"chat","occurred_at":"%s"}\n' "$1" "$2" "$3" "$now"
+}
+
+step "worker running"
+it_worker_start w1
+for _ in $(seq 1 100); do
+  [ "$(it_sql "SELECT count(*) FROM tally.consumer_offsets")" = "2" ] && break
+  sleep 0.1
+done
+
+step "SQL holds key race-1 uncommitted for 4 s; Kafka brings the same key"
+$PSQL -c "BEGIN;
+  SELECT tally.track_token_usage(tenant_id => 'tr', tokens => 7,
+      token_type => 'llm', operation => 'chat', idempotency_key => 'race-1',
+      occurred_at => '$now');
+  SELECT pg_sleep(4);
+  COMMIT;" >"$IT_DIR/sql.log" 2>&1 &
+sql_pid=$!
+sleep 1
+{ ev tr race-1 1000; ev tr race-2 5; ev tr race-3 6; } >"$IT_DIR/race.jsonl"
+it_produce "$IT_DIR/race.jsonl"
+wait "$sql_pid" || fail "the SQL session failed: $(cat "$IT_DIR/sql.log")"
+it_wait_consumed 3 60
+
+step "race-1 counted once (the SQL call's 7 tokens: it committed first)"
+got=$(it_sql "SELECT sum(events) || '/' || sum(tokens)
+              FROM tally.token_usage_daily WHERE tenant_id = 'tr'")
+[ "$got" = "3/18" ] || fail "tenant tr has events/tokens $got, expected 3/18"
+src=$(it_sql "SELECT source FROM tally.token_usage_events
+              WHERE tenant_id = 'tr' AND idempotency_key = 'race-1'")
+[ "$src" = "sql" ] || fail "race-1 stored from '$src', expected 'sql'"
+grep -q "committed by another worker meanwhile" "$IT_DIR/w1.log" ||
+  fail "the worker did not take the race fallback (see w1.log)"
+it_worker_stop w1
+echo "PASS: a key inserted concurrently counts once"
