@@ -12,6 +12,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include "batch.h"
+#include "kafka.h"
 #include "log.h"
 #include "metrics.h"
 #include "usage_event.h"
@@ -835,56 +836,21 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 /* ---------------------------------------------------------------- */
 /* The loop                                                           */
 
-static rd_kafka_t *consumer_new_kafka(consumer_t *c, char *errstr,
-                                      size_t errstr_size)
-{
-    const consumer_conf_t *cf = c->conf;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_t *rk;
-    char err[512];
-
-    if (config_kafka_set(conf, "bootstrap.servers", cf->brokers, errstr,
-                         errstr_size) == -1 ||
-        config_kafka_set(conf, "group.id", cf->group, errstr, errstr_size) ==
-            -1 ||
-        config_kafka_set(conf, "partition.assignment.strategy",
-                         "cooperative-sticky", errstr, errstr_size) == -1 ||
-        config_kafka_set(conf, "enable.auto.commit", "false", errstr,
-                         errstr_size) == -1 ||
-        config_kafka_set(conf, "enable.auto.offset.store", "false", errstr,
-                         errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "client.id", "tally-worker",
-                             errstr, errstr_size) == -1 ||
-        /* Out of range (retention passed us): take what is left. */
-        config_kafka_default(cf->cfg, conf, "auto.offset.reset", "earliest",
-                             errstr, errstr_size) == -1 ||
-        /* Bounded memory whatever the backlog: the byte cap on the
-         * pre-fetch queue does the bounding; the message threshold is
-         * high because librdkafka 2.0 parks a partition over it until
-         * its broker thread looks again, which starves the consumer. */
-        config_kafka_default(cf->cfg, conf, "queued.min.messages", "50000",
-                             errstr, errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "queued.max.messages.kbytes",
-                             "10240", errstr, errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "fetch.max.bytes", "2097152",
-                             errstr, errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "max.partition.fetch.bytes",
-                             "262144", errstr, errstr_size) == -1 ||
-        config_apply_x(cf->cfg, conf, errstr, errstr_size) == -1)
-        goto fail;
-    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
-    rd_kafka_conf_set_opaque(conf, c);
-    rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
-    if (!rk) {
-        snprintf(errstr, errstr_size, "kafka consumer: %s", err);
-        goto fail;
-    }
-    rd_kafka_poll_set_consumer(rk);
-    return rk;
-fail:
-    rd_kafka_conf_destroy(conf);
-    return NULL;
-}
+/* librdkafka settings of the token-usage consumer, unless -X says
+ * otherwise. Memory stays bounded whatever the backlog: the byte cap on
+ * the pre-fetch queue does the bounding; the message threshold is high
+ * because librdkafka 2.0 parks a partition over it until its broker
+ * thread looks again, which starves the consumer. */
+static const char *const consumer_kafka_defaults[] = {
+    "client.id", "tally-worker",
+    /* Out of range (retention passed us): take what is left. */
+    "auto.offset.reset", "earliest",
+    "queued.min.messages", "50000",
+    "queued.max.messages.kbytes", "10240",
+    "fetch.max.bytes", "2097152",
+    "max.partition.fetch.bytes", "262144",
+    NULL,
+};
 
 static void consumer_progress(consumer_t *c)
 {
@@ -941,8 +907,6 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
                  size_t errstr_size)
 {
     consumer_t c;
-    rd_kafka_topic_partition_list_t *topics = NULL;
-    rd_kafka_resp_err_t err;
     int rc = -1;
 
     memset(&c, 0, sizeof(c));
@@ -963,18 +927,11 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     usage_enums_default(&c.token_types, &c.operations);
     consumer_refresh_enums(&c);
 
-    c.rk = consumer_new_kafka(&c, errstr, errstr_size);
+    c.rk = kafka_consumer_new(conf->cfg, conf->brokers, conf->group,
+                              conf->topic, consumer_kafka_defaults,
+                              rebalance_cb, &c, errstr, errstr_size);
     if (!c.rk)
         goto out;
-    topics = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(topics, conf->topic,
-                                      RD_KAFKA_PARTITION_UA);
-    err = rd_kafka_subscribe(c.rk, topics);
-    if (err) {
-        snprintf(errstr, errstr_size, "subscribe to %s: %s", conf->topic,
-                 rd_kafka_err2str(err));
-        goto out;
-    }
     log_info("consuming %s as group %s (batches of %zu messages / %zu "
              "bytes / %d ms; dead letters to %s)",
              conf->topic, conf->group, conf->batch_size, conf->batch_bytes,
@@ -1028,8 +985,6 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
 out:
     consumer_collect(&c, true);
     committer_stop(&c.com);
-    if (topics)
-        rd_kafka_topic_partition_list_destroy(topics);
     if (c.rk)
         rd_kafka_destroy(c.rk);
     batch_free(c.batch);

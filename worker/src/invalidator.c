@@ -12,6 +12,7 @@
 
 #include "cache_key.h"
 #include "invalidation.h"
+#include "kafka.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -379,53 +380,10 @@ static void inv_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 /* ---------------------------------------------------------------- */
 /* The loop                                                           */
 
-static rd_kafka_t *invalidator_new_kafka(invalidator_t *iv, char *errstr,
-                                         size_t errstr_size)
-{
-    const invalidator_conf_t *cf = iv->conf;
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_t *rk;
-    char err[512];
-
-    if (config_kafka_set(conf, "bootstrap.servers", cf->brokers, errstr,
-                         errstr_size) == -1 ||
-        config_kafka_set(conf, "group.id", cf->group, errstr, errstr_size) ==
-            -1 ||
-        config_kafka_set(conf, "partition.assignment.strategy",
-                         "cooperative-sticky", errstr, errstr_size) == -1 ||
-        config_kafka_set(conf, "enable.auto.commit", "false", errstr,
-                         errstr_size) == -1 ||
-        config_kafka_set(conf, "enable.auto.offset.store", "false", errstr,
-                         errstr_size) == -1 ||
-        config_kafka_set(conf, "auto.offset.reset", cf->start_from, errstr,
-                         errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "client.id",
-                             "tally-invalidator", errstr,
-                             errstr_size) == -1 ||
-        config_kafka_default(cf->cfg, conf, "queued.max.messages.kbytes",
-                             "2048", errstr, errstr_size) == -1 ||
-        config_apply_x(cf->cfg, conf, errstr, errstr_size) == -1)
-        goto fail;
-    rd_kafka_conf_set_rebalance_cb(conf, inv_rebalance_cb);
-    rd_kafka_conf_set_opaque(conf, iv);
-    rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
-    if (!rk) {
-        snprintf(errstr, errstr_size, "kafka consumer: %s", err);
-        goto fail;
-    }
-    rd_kafka_poll_set_consumer(rk);
-    return rk;
-fail:
-    rd_kafka_conf_destroy(conf);
-    return NULL;
-}
-
 int invalidator_run(const invalidator_conf_t *conf, char *errstr,
                     size_t errstr_size)
 {
     invalidator_t iv;
-    rd_kafka_topic_partition_list_t *topics = NULL;
-    rd_kafka_resp_err_t err;
     int rc = -1;
 
     memset(&iv, 0, sizeof(iv));
@@ -438,18 +396,18 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
         snprintf(errstr, errstr_size, "out of memory");
         goto out;
     }
-    iv.rk = invalidator_new_kafka(&iv, errstr, errstr_size);
+    {
+        /* Without a committed offset, start as --start-from says. */
+        const char *defaults[] = {"client.id", "tally-invalidator",
+                                  "auto.offset.reset", conf->start_from,
+                                  "queued.max.messages.kbytes", "2048",
+                                  NULL};
+        iv.rk = kafka_consumer_new(conf->cfg, conf->brokers, conf->group,
+                                   conf->topic, defaults, inv_rebalance_cb,
+                                   &iv, errstr, errstr_size);
+    }
     if (!iv.rk)
         goto out;
-    topics = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(topics, conf->topic,
-                                      RD_KAFKA_PARTITION_UA);
-    err = rd_kafka_subscribe(iv.rk, topics);
-    if (err) {
-        snprintf(errstr, errstr_size, "subscribe to %s: %s", conf->topic,
-                 rd_kafka_err2str(err));
-        goto out;
-    }
     log_info("consuming %s as group %s (Redis keys under %s:, notices on "
              "%s; dead letters to %s)",
              conf->topic, conf->group, conf->cache_prefix, conf->channel,
@@ -503,8 +461,6 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
     rc = 0;
 out:
     invalidator_clear(&iv);
-    if (topics)
-        rd_kafka_topic_partition_list_destroy(topics);
     if (iv.rk)
         rd_kafka_destroy(iv.rk);
     free(iv.items);
