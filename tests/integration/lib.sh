@@ -98,10 +98,18 @@ it_worker_kill9() {
   wait "$pid" 2>/dev/null || true
 }
 
-# Produces a JSON-lines file to the usage topic.
+# Produces a JSON-lines file to the usage topic, and checks that the
+# broker still holds every message (tally devbroker keeps ~5 MiB per
+# partition).
 it_produce() {
   "$TALLY" produce --file "$1" "${@:2}" >>"$IT_DIR/produce.log" 2>&1 ||
     fail "produce $1 failed"
+  it_assert_retained token-usage
+}
+
+it_assert_retained() {
+  /usr/bin/python3 "$IT_ROOT/scripts/low_watermarks.py" "$TALLY_BROKERS" \
+    "$1" || fail "the test's backlog outgrew tally devbroker"
 }
 
 # Waits until the group's positions in Postgres add up to N messages
@@ -159,4 +167,161 @@ it_assert_sums() {
 # Value of a line "key N" in a generator summary file.
 it_summary() {
   awk -v k="$2" '$1 == k { print $2 }' "$1"
+}
+
+# ---------------------------------------------------------------------
+# Helpers for the robustness tests (kill -9, Postgres restarts, groups,
+# dead letters, dedupe).
+
+# The Debian interpreter (python3-confluent-kafka); a pyenv python3 on
+# PATH may not have the module.
+IT_PYTHON=/usr/bin/python3
+
+# Sum of a group's positions in Postgres: it_committed [GROUP]
+it_committed() {
+  it_sql "SELECT coalesce(sum(next_offset), 0) FROM tally.consumer_offsets
+          WHERE group_id = '${1:-tally}'"
+}
+
+# Waits until a group's positions in Postgres add up to more than N:
+# it_wait_progress N [TIMEOUT] [GROUP]. Prints the new sum.
+it_wait_progress() {
+  local above=$1 timeout=${2:-60} group=${3:-tally} got=0
+  for _ in $(seq 1 $((timeout * 10))); do
+    got=$(it_committed "$group")
+    if [ "$got" -gt "$above" ]; then
+      echo "$got"
+      return 0
+    fi
+    sleep 0.1
+  done
+  fail "after ${timeout}s the group $group has not moved past $above"
+}
+
+# True while worker NAME's process exists.
+it_worker_alive() {
+  kill -0 "$(it_worker_pid "$1")" 2>/dev/null
+}
+
+# Fails unless worker NAME is running.
+it_assert_alive() {
+  it_worker_alive "$1" || fail "worker $1 is not running (${2:-})"
+}
+
+# Waits until worker NAME's log matches the extended regex RE:
+# it_wait_log NAME RE [TIMEOUT]
+it_wait_log() {
+  local name=$1 re=$2 timeout=${3:-60}
+  for _ in $(seq 1 $((timeout * 10))); do
+    grep -Eq -- "$re" "$IT_DIR/$name.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "after ${timeout}s the log of $name shows no /$re/"
+}
+
+# Waits for worker NAME to exit on its own and sets IT_EXIT_RC to its
+# exit code: it_worker_wait_exit NAME [TIMEOUT]; fails if it still runs.
+# (Not in $(...): only the shell that started the worker can reap it.)
+it_worker_wait_exit() {
+  local name=$1 timeout=${2:-60} pid
+  pid=$(it_worker_pid "$name")
+  for _ in $(seq 1 $((timeout * 10))); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && fail "worker $name still runs after ${timeout}s"
+  IT_EXIT_RC=0
+  wait "$pid" 2>/dev/null || IT_EXIT_RC=$?
+}
+
+# A random integer in [LO, HI]: it_rand LO HI
+it_rand() {
+  echo $(($1 + RANDOM % ($2 - $1 + 1)))
+}
+
+# Produces FILE in chunks of LINES lines, one chunk every SECS seconds, in
+# the background (a producer that keeps going while a test disturbs the
+# workers): it_produce_trickle FILE LINES SECS. it_trickle_wait waits for
+# it to end and fails if a chunk could not be produced.
+it_produce_trickle() {
+  local file=$1 lines=$2 secs=$3 dir
+  dir=$(mktemp -d "$IT_DIR/trickle.XXXXXX")
+  split -l "$lines" -d -a 5 "$file" "$dir/chunk."
+  (
+    for chunk in "$dir"/chunk.*; do
+      "$TALLY" produce --file "$chunk" -X message.timeout.ms=30000 \
+        >>"$IT_DIR/produce.log" 2>&1 ||
+        { echo "FAIL: produce $chunk failed" >&2; exit 1; }
+      sleep "$secs"
+    done
+  ) &
+  IT_TRICKLE_PID=$!
+  # Killed by it_cleanup like a worker if the test fails.
+  echo "$IT_TRICKLE_PID" >"$IT_DIR/trickle.pid"
+  IT_WORKERS+=(trickle)
+}
+
+it_trickle_wait() {
+  local rc=0
+  wait "$IT_TRICKLE_PID" || rc=$?
+  rm -f "$IT_DIR/trickle.pid"
+  [ "$rc" -eq 0 ] || fail "the background producer failed ($rc)"
+}
+
+# Adds up expectation files of tally-gen (TSV, same bucket in several
+# files summed) into OUT: it_merge_expect OUT FILE...
+it_merge_expect() {
+  local out=$1
+  shift
+  cat "$@" | awk -F '\t' -v OFS='\t' '
+    { k = $1 OFS $2 OFS $3 OFS $4 OFS $5 OFS $6
+      for (i = 7; i <= 12; i++) s[k, i] += $i; keys[k] = 1 }
+    END { for (k in keys) { line = k
+            for (i = 7; i <= 12; i++) line = line OFS sprintf("%.0f", s[k, i])
+            print line } }' | LC_ALL=C sort >"$out"
+}
+
+# A value from a worker's /metrics: it_metric HOST:PORT 'name{labels}'
+# (the series exactly as rendered; prints nothing when absent).
+it_metric() {
+  curl -fsS --max-time 5 "http://$1/metrics" |
+    awk -v m="$2" '$1 == m { print $2 }'
+}
+
+# ---------------------------------------------------------------------
+# Redis outages (the cache-invalidation tests).
+
+# redis-cli against the private Redis: it_redis_cli ARGS...
+it_redis_cli() {
+  redis-cli -p "$(cat "$IT_DIR/redis/port")" "$@"
+}
+
+# Stops the private Redis: it_redis_stop [nosave|save]. With save, Redis
+# writes $IT_DIR/redis/dump.rdb first, which it_redis_start loads again
+# (keys put back atomically, before anyone can connect). Returns once the
+# port is closed.
+it_redis_stop() {
+  local mode=${1:-nosave}
+  it_redis_cli shutdown "$mode" >/dev/null 2>&1 || true
+  for _ in $(seq 1 100); do
+    it_redis_cli ping >/dev/null 2>&1 || return 0
+    sleep 0.1
+  done
+  fail "redis did not stop"
+}
+
+# Starts the private Redis again on its port, as stack_start_redis did
+# (loading $IT_DIR/redis/dump.rdb if there is one); waits for PONG.
+it_redis_start() {
+  local port
+  port=$(cat "$IT_DIR/redis/port")
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$IT_DIR/redis" \
+    --save "" --appendonly no --daemonize yes \
+    --pidfile "$IT_DIR/redis/pid" --logfile "$IT_DIR/redis/log" \
+    >/dev/null || fail "redis-server did not start again on $port"
+  for _ in $(seq 1 100); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+    sleep 0.1
+  done
+  fail "redis did not answer on $port after a restart"
 }

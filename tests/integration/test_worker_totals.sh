@@ -5,7 +5,7 @@
 #
 # usage: test_worker_totals.sh TALLY TALLY_GEN [EVENTS]
 source "$(dirname "$0")/lib.sh"
-it_setup "$1" "$2" 8
+it_setup "$1" "$2" 32
 EVENTS=${3:-300000}
 
 step "generate $EVENTS events (5% duplicates, 1% conflicting keys)"

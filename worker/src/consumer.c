@@ -846,7 +846,7 @@ static const char *const consumer_kafka_defaults[] = {
     /* Out of range (retention passed us): take what is left. */
     "auto.offset.reset", "earliest",
     "queued.min.messages", "50000",
-    "queued.max.messages.kbytes", "10240",
+    "queued.max.messages.kbytes", "8192",
     "fetch.max.bytes", "2097152",
     "max.partition.fetch.bytes", "262144",
     NULL,
