@@ -1,6 +1,7 @@
 /* libFuzzer target for usage_event_parse; without libFuzzer, replays files. */
 #include "case_ctx.h"
 #include "rfc3339.h"
+#include "json_rules.h"
 #include "usage_event.h"
 
 #include <stdint.h>
@@ -53,7 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(ev.cached_tokens >= 0 && ev.cached_tokens <= USAGE_TOKENS_MAX);
         CHECK(usage_enum_contains(&tt, ev.token_type));
         CHECK(usage_enum_contains(&op, ev.operation));
-        CHECK(usage_has_no_control_chars(ev.model, strlen(ev.model)));
+        CHECK(json_rules_is_text(ev.model, strlen(ev.model)));
         CHECK(ev.occurred_at_us >= CASE_NOW_US - 35LL * 86400000000LL);
         CHECK(ev.occurred_at_us <= CASE_NOW_US + 3600000000LL);
         if (ev.metadata) {

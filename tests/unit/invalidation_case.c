@@ -1,5 +1,6 @@
 /* Runs one data-driven cache-invalidation case: invalidation_case <dir>. */
 #include "cache_key.h"
+#include "case_dir.h"
 #include "invalidation.h"
 
 #include <stdio.h>
@@ -20,74 +21,6 @@
 
 #define DEFAULT_MAX_BYTES (1024 * 1024)
 
-/* Reads a whole file into a buffer of exactly its size (so that ASan sees
- * any read past the message); NULL if it does not exist. */
-static char *slurp(const char *dir, const char *name, size_t *len)
-{
-    char path[4096];
-    char *buf = NULL;
-    long size;
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) != 0 || (size = ftell(f)) < 0 ||
-        fseek(f, 0, SEEK_SET) != 0)
-        goto fail;
-    buf = malloc(size > 0 ? (size_t)size : 1);
-    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size)
-        goto fail;
-    fclose(f);
-    *len = (size_t)size;
-    return buf;
-fail:
-    fprintf(stderr, "cannot read %s\n", path);
-    exit(2);
-}
-
-/* The same file as a NUL-terminated string without trailing whitespace. */
-static char *slurp_text(const char *dir, const char *name)
-{
-    size_t n;
-    char *raw = slurp(dir, name, &n);
-    if (!raw)
-        return NULL;
-    char *s = malloc(n + 1);
-    if (!s)
-        exit(2);
-    memcpy(s, raw, n);
-    free(raw);
-    while (n > 0 && strchr("\n\r\t ", s[n - 1]))
-        n--;
-    s[n] = '\0';
-    return s;
-}
-
-/* Splits text in place into lines without '\r', skipping blank lines
- * and "#" comments; returns the next line or NULL. */
-static char *next_line(char **cursor)
-{
-    char *line;
-    do {
-        line = *cursor;
-        if (!line || !*line)
-            return NULL;
-        char *nl = strchr(line, '\n');
-        if (nl) {
-            *nl = '\0';
-            *cursor = nl + 1;
-        } else {
-            *cursor = line + strlen(line);
-        }
-        size_t n = strlen(line);
-        while (n > 0 && line[n - 1] == '\r')
-            line[--n] = '\0';
-    } while (line[0] == '\0' || line[0] == '#');
-    return line;
-}
-
 typedef struct {
     char prefix[1024];
     size_t max_message_bytes;
@@ -96,7 +29,7 @@ typedef struct {
 static int apply_ctx(char *text, case_ctx_t *ctx)
 {
     char *cursor = text, *line;
-    while ((line = next_line(&cursor))) {
+    while ((line = case_dir_next_line(&cursor))) {
         char *eq = strchr(line, '=');
         if (!eq)
             return -1;
@@ -114,8 +47,9 @@ static int apply_ctx(char *text, case_ctx_t *ctx)
 /* One "name=value" line per field, preceded by a newline so that a line
  * can be searched for as "\nname=value\n". Values are ids or checked
  * event ids: no newlines. */
-static void dump(FILE *f, const invalidation_t *inv)
+static void dump(FILE *f, const void *event)
 {
+    const invalidation_t *inv = event;
     fprintf(f, "\ntenant_id=%s\n", inv->tenant_id);
     fprintf(f, "data_type=%s\n", inv->data_type);
     fprintf(f, "resource_id=%s\n", inv->resource_id);
@@ -125,25 +59,6 @@ static void dump(FILE *f, const invalidation_t *inv)
     fprintf(f, "cascade=%d\n", inv->cascade);
     fprintf(f, "invalidate_conversations=%d\n", inv->invalidate_conversations);
     fprintf(f, "event_id=%s\n", inv->event_id);
-}
-
-static int check_fields(char *expected, const char *dumped)
-{
-    char *cursor = expected, *line;
-    int bad = 0;
-    while ((line = next_line(&cursor))) {
-        size_t n = strlen(line) + 3;
-        char *want = malloc(n);
-        if (!want)
-            exit(2);
-        snprintf(want, n, "\n%s\n", line);
-        if (!strstr(dumped, want)) {
-            printf("MISMATCH: expected field line %s\n", line);
-            bad = 1;
-        }
-        free(want);
-    }
-    return bad;
 }
 
 /* Invariants of every build, whatever the case: each string starts with
@@ -192,7 +107,7 @@ static int check_targets(char *expected, const cache_targets_t *t)
     char *cursor = expected, *line;
     size_t i = 0;
     int bad = 0;
-    while ((line = next_line(&cursor))) {
+    while ((line = case_dir_next_line(&cursor))) {
         char got[2048] = "(nothing)";
         if (i < t->n)
             snprintf(got, sizeof(got), "%s %s",
@@ -214,60 +129,39 @@ static int check_targets(char *expected, const cache_targets_t *t)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: invalidation_case CASE-DIR\n");
-        return 2;
-    }
-    const char *dir = argv[1];
+    case_dir_t c;
     case_ctx_t ctx = {.prefix = CACHE_PREFIX_DEFAULT,
                       .max_message_bytes = DEFAULT_MAX_BYTES};
-    size_t len = 0;
-    char *input = slurp(dir, "input.json", &len);
-    char *expected = slurp_text(dir, "expected");
-    char *targets = slurp_text(dir, "targets");
-    char *fields = slurp_text(dir, "expected_fields");
-    char *ctx_text = slurp_text(dir, "ctx");
     cache_targets_t t = {0};
-    char *dumped = NULL;
-    size_t dumped_len = 0;
-    FILE *f = NULL;
-    int rc = 2;
-
-    if (!input || !expected) {
-        fprintf(stderr, "%s: needs input.json and expected\n", dir);
-        goto out;
-    }
-    if (ctx_text && apply_ctx(ctx_text, &ctx) != 0) {
-        fprintf(stderr, "%s: bad ctx file\n", dir);
-        goto out;
-    }
-
+    char *targets = NULL;
     invalidation_t inv;
     char err[512];
-    invalidation_reason_t r = invalidation_parse(
-        input, len, ctx.max_message_bytes, &inv, err, sizeof(err));
-    const char *got = invalidation_reason_code(r);
-    printf("input: %zu bytes\nexpected: %s\ngot: %s%s%s\n", len, expected, got,
-           r ? ": " : "", r ? err : "");
-    if (r == INVALIDATION_OK && !targets) {
-        fprintf(stderr, "%s: an ok case needs a targets file\n", dir);
-        goto out;
-    }
-    rc = strcmp(got, expected) == 0 ? 0 : 1;
-    if (r != INVALIDATION_OK)
-        goto out;
+    int rc = case_dir_open(&c, argc, argv);
 
-    f = open_memstream(&dumped, &dumped_len);
-    if (!f) {
+    if (rc != 0)
+        goto out;
+    targets = case_dir_read_text(c.dir, "targets");
+    if (c.ctx && apply_ctx(c.ctx, &ctx) != 0) {
+        fprintf(stderr, "%s: bad ctx file\n", c.dir);
         rc = 2;
         goto out;
     }
-    dump(f, &inv);
-    fclose(f);
-    f = NULL;
-    fputs(dumped, stdout);
-    if (fields && check_fields(fields, dumped))
-        rc = 1;
+
+    invalidation_reason_t r = invalidation_parse(
+        c.input, c.input_len, ctx.max_message_bytes, &inv, err, sizeof(err));
+    rc = case_dir_check_reason(&c, invalidation_reason_code(r), err);
+    if (r != INVALIDATION_OK)
+        goto out;
+    if (!targets) {
+        fprintf(stderr, "%s: an ok case needs a targets file\n", c.dir);
+        rc = 2;
+        goto out;
+    }
+    int fields = case_dir_check_fields(&c, dump, &inv);
+    if (fields > rc)
+        rc = fields;
+    if (fields == 2)
+        goto out;
 
     if (cache_targets_build(&inv, ctx.prefix, &t) != 0) {
         printf("cache_targets_build failed\n");
@@ -283,13 +177,7 @@ int main(int argc, char **argv)
     if (check_targets(targets, &t))
         rc = 1;
 out:
-    printf("%s\n", rc == 0 ? "PASS" : "FAIL");
     cache_targets_free(&t);
-    free(dumped);
-    free(input);
-    free(expected);
     free(targets);
-    free(fields);
-    free(ctx_text);
-    return rc;
+    return case_dir_close(&c, rc);
 }

@@ -1,5 +1,6 @@
 /* Unit tests of the token-usage event parser beyond the fixture cases. */
 #include "case_ctx.h"
+#include "json_rules.h"
 #include "usage_event.h"
 
 #include <setjmp.h>
@@ -403,11 +404,11 @@ static void test_errstr(void **state)
     free(json);
     assert_non_null(strstr(fx->err, "tenant_id"));
     assert_true(strlen(fx->err) < 200);
-    assert_true(usage_has_no_control_chars(fx->err, strlen(fx->err)));
+    assert_true(json_rules_is_text(fx->err, strlen(fx->err)));
 
     /* JSON errors quote jansson's text, which may hold raw bytes */
     expect(fx, "{\"a\":\"\xff\"}", USAGE_ERR_INVALID_UTF8);
-    assert_true(usage_has_no_control_chars(fx->err, strlen(fx->err)));
+    assert_true(json_rules_is_text(fx->err, strlen(fx->err)));
 
     /* no errstr at all is fine */
     assert_int_equal(usage_event_parse("[]", 2, &fx->ctx, &fx->ev, NULL, 0),
@@ -461,7 +462,7 @@ static void test_validators(void **state)
     assert_false(usage_is_id("a*", 2));
     assert_false(usage_is_id("\xc3\xa9", 2));
 
-#define NC(s) usage_has_no_control_chars(s, sizeof(s) - 1)
+#define NC(s) json_rules_is_text(s, sizeof(s) - 1)
     assert_true(NC(""));
     assert_true(NC("plain ascii ~"));
     assert_true(NC("\xc2\xa0"));             /* U+00A0 */

@@ -1,5 +1,6 @@
 /* Runs one data-driven token-usage case: usage_case <case-dir>. */
 #include "case_ctx.h"
+#include "case_dir.h"
 #include "rfc3339.h"
 #include "usage_event.h"
 
@@ -19,65 +20,6 @@
  *                    add_operation
  * Exit status 0 iff the outcome matches. */
 
-/* Reads a whole file into a buffer of exactly its size (so that ASan sees
- * any read past the message); NULL if it does not exist. */
-static char *read_file(const char *dir, const char *name, size_t *len)
-{
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap);
-    size_t got;
-    while (buf && (got = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += got;
-        if (n == cap) {
-            char *bigger = realloc(buf, cap *= 2);
-            if (!bigger) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = bigger;
-        }
-    }
-    fclose(f);
-    if (!buf) {
-        fprintf(stderr, "out of memory reading %s\n", path);
-        exit(2);
-    }
-    char *exact = malloc(n ? n : 1);
-    if (!exact) {
-        fprintf(stderr, "out of memory reading %s\n", path);
-        exit(2);
-    }
-    memcpy(exact, buf, n);
-    free(buf);
-    *len = n;
-    return exact;
-}
-
-/* The same file as a NUL-terminated string without trailing whitespace. */
-static char *read_text(const char *dir, const char *name)
-{
-    size_t n;
-    char *raw = read_file(dir, name, &n);
-    if (!raw)
-        return NULL;
-    char *s = malloc(n + 1);
-    if (!s)
-        exit(2);
-    memcpy(s, raw, n);
-    free(raw);
-    while (n > 0 && (s[n - 1] == '\n' || s[n - 1] == '\r' || s[n - 1] == ' ' ||
-                     s[n - 1] == '\t'))
-        n--;
-    s[n] = '\0';
-    return s;
-}
-
 static void enum_add(usage_enum_t *e, const char *value)
 {
     if (e->n < USAGE_ENUM_VALUES_MAX)
@@ -88,9 +30,10 @@ static int apply_ctx(char *text, usage_parse_ctx_t *ctx, usage_enum_t *tt,
                      usage_enum_t *op)
 {
     bool kafka_ts_set = false;
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+    char *cursor = text, *line;
+    while ((line = case_dir_next_line(&cursor))) {
         char *eq = strchr(line, '=');
-        if (!eq || line[0] == '#')
+        if (!eq)
             continue;
         *eq = '\0';
         const char *k = line, *v = eq + 1;
@@ -141,8 +84,9 @@ static void put_escaped(FILE *f, const char *s, size_t n)
 
 /* One "name=value" line per field, preceded by a newline so that a line
  * can be searched for as "\nname=value\n". */
-static void dump(FILE *f, const usage_event_t *ev)
+static void dump(FILE *f, const void *event)
 {
+    const usage_event_t *ev = event;
     char ts[32];
     rfc3339_format(ev->occurred_at_us, ts);
     fprintf(f, "\ntenant_id=%s\n", ev->tenant_id);
@@ -171,85 +115,30 @@ static void dump(FILE *f, const usage_event_t *ev)
     fprintf(f, "\npayload_hash=%016" PRIx64 "\n", ev->payload_hash);
 }
 
-/* Every line of `expected` must be a line of `dumped`. */
-static int check_fields(char *expected, const char *dumped)
-{
-    int bad = 0;
-    for (char *line = strtok(expected, "\n"); line; line = strtok(NULL, "\n")) {
-        size_t n = strlen(line);
-        if (n > 0 && line[n - 1] == '\r')
-            line[--n] = '\0';
-        if (n == 0 || line[0] == '#')
-            continue;
-        char *want = malloc(n + 3);
-        if (!want)
-            exit(2);
-        snprintf(want, n + 3, "\n%s\n", line);
-        if (!strstr(dumped, want)) {
-            printf("MISMATCH: expected field line %s\n", line);
-            bad = 1;
-        }
-        free(want);
-    }
-    return bad;
-}
-
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: usage_case CASE-DIR\n");
-        return 2;
-    }
-    const char *dir = argv[1];
+    case_dir_t c;
     usage_parse_ctx_t ctx;
     usage_enum_t tt, op;
-    case_ctx_init(&ctx, &tt, &op);
-
-    size_t len = 0;
-    char *input = read_file(dir, "input.json", &len);
-    char *expected = read_text(dir, "expected");
-    char *fields = read_text(dir, "expected_fields");
-    char *ctx_text = read_text(dir, "ctx");
-    int rc = 2;
-    char *dumped = NULL;
-    size_t dumped_len = 0;
-    FILE *f = NULL;
-
-    if (!input || !expected) {
-        fprintf(stderr, "%s: needs input.json and expected\n", dir);
-        goto out;
-    }
-    if (ctx_text && apply_ctx(ctx_text, &ctx, &tt, &op) != 0) {
-        fprintf(stderr, "%s: bad ctx file\n", dir);
-        goto out;
-    }
-
     usage_event_t ev;
     char err[512];
-    usage_reason_t r =
-        usage_event_parse(input, len, &ctx, &ev, err, sizeof(err));
-    const char *got = usage_reason_code(r);
-    printf("input: %zu bytes\nexpected: %s\ngot: %s%s%s\n", len, expected, got,
-           r ? ": " : "", r ? err : "");
-    rc = strcmp(got, expected) == 0 ? 0 : 1;
-    if (r != USAGE_OK)
-        goto out;
+    int rc = case_dir_open(&c, argc, argv);
 
-    f = open_memstream(&dumped, &dumped_len);
-    if (!f)
-        goto out;
-    dump(f, &ev);
-    fclose(f);
-    f = NULL;
-    fputs(dumped, stdout);
-    if (fields && check_fields(fields, dumped))
-        rc = 1;
-out:
-    printf("%s\n", rc == 0 ? "PASS" : "FAIL");
-    free(dumped);
-    free(input);
-    free(expected);
-    free(fields);
-    free(ctx_text);
-    return rc;
+    case_ctx_init(&ctx, &tt, &op);
+    if (rc == 0 && c.ctx && apply_ctx(c.ctx, &ctx, &tt, &op) != 0) {
+        fprintf(stderr, "%s: bad ctx file\n", c.dir);
+        rc = 2;
+    }
+    if (rc != 0)
+        return case_dir_close(&c, rc);
+
+    usage_reason_t r =
+        usage_event_parse(c.input, c.input_len, &ctx, &ev, err, sizeof(err));
+    rc = case_dir_check_reason(&c, usage_reason_code(r), err);
+    if (r == USAGE_OK) {
+        int fields = case_dir_check_fields(&c, dump, &ev);
+        if (fields > rc)
+            rc = fields;
+    }
+    return case_dir_close(&c, rc);
 }

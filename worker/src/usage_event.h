@@ -104,26 +104,9 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
 /* The stable machine-readable code of a reason, e.g. "too_old". */
 const char *usage_reason_code(usage_reason_t reason);
 
-/* Shared validators, also used by the cache-invalidation parser. */
-bool usage_is_id(const char *s, size_t len); /* ^[A-Za-z0-9_.@-]{1,128}$ */
-/* UTF-8 text with no U+0000-U+001F, U+007F-U+009F. */
-bool usage_has_no_control_chars(const char *s, size_t len);
+/* ^[A-Za-z0-9_.@-]{1,128}$ (json_rules_is_id(), for the key layout). */
+bool usage_is_id(const char *s, size_t len);
 bool usage_enum_contains(const usage_enum_t *e, const char *value);
-
-/* Raw-JSON helpers, also used by the cache-invalidation parser so that
- * both event kinds map the same faults to the same reasons. */
-struct json_t;
-/* What a member held, for errstr: "\"text\"" (sanitised, cut at 64
- * bytes), "1000 (a real number)", "true", "an object", ... Returns buf,
- * or a static string. */
-const char *usage_json_describe(const struct json_t *v, char *buf,
-                                size_t size);
-/* Index of the '"' that closes the JSON string whose first byte (after
- * the opening quote) is buf[start], or len if it is unterminated. */
-size_t usage_json_string_end(const char *buf, size_t start, size_t len);
-/* Whether a raw NUL byte sits inside a JSON string at or before byte
- * `limit` (jansson calls it a syntax error, the contract U+0000). */
-bool usage_json_raw_nul(const char *buf, size_t len, size_t limit);
 
 /* Fills the contract's initial values of tally.token_type (llm, embedding)
  * and tally.operation_type (chat, query, vector_search, embedding,
