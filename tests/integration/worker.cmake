@@ -16,3 +16,4 @@ add_test(NAME integration_cache
                  $<TARGET_FILE:test_cache_redis>)
 set_tests_properties(integration_cache PROPERTIES
                      TIMEOUT 300 LABELS integration)
+tally_worker_test(worker_invalidation)

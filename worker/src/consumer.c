@@ -780,6 +780,10 @@ static void consumer_assign(consumer_t *c,
                   rd_kafka_error_string(error));
         rd_kafka_error_destroy(error);
     }
+    /* librdkafka keeps a pause across unassign and assign: a partition
+     * revoked while paused would come back paused for good. */
+    if (claimed)
+        rd_kafka_resume_partitions(c->rk, l);
     if (!claimed) {
         /* Held paused until Postgres tells where to start. */
         rd_kafka_pause_partitions(c->rk, l);

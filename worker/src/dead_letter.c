@@ -34,11 +34,17 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm,
 }
 
 dead_letter_t *dead_letter_new(const config_t *cfg, const char *brokers,
-                               char *errstr, size_t errstr_size)
+                               size_t max_bytes, char *errstr,
+                               size_t errstr_size)
 {
     dead_letter_t *dl = calloc(1, sizeof(*dl));
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    char err[512];
+    char err[512], max_msg[32];
+
+    /* A value cut to max_bytes, plus the original key (bounded by the
+     * same limit) and the headers. The topic must allow it too (Kafka's
+     * max.message.bytes, 1 MiB by default). */
+    snprintf(max_msg, sizeof(max_msg), "%zu", 2 * max_bytes + 65536);
 
     if (!dl)
         goto fail;
@@ -56,6 +62,8 @@ dead_letter_t *dead_letter_new(const config_t *cfg, const char *brokers,
                              errstr, errstr_size) == -1 ||
         config_kafka_default(cfg, conf, "queue.buffering.max.kbytes", "16384",
                              errstr, errstr_size) == -1 ||
+        config_kafka_default(cfg, conf, "message.max.bytes", max_msg, errstr,
+                             errstr_size) == -1 ||
         config_apply_x(cfg, conf, errstr, errstr_size) == -1)
         goto fail;
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);

@@ -10,10 +10,12 @@
 
 typedef struct dead_letter dead_letter_t;
 
-/* An idempotent lz4 producer to `brokers` with every -X of cfg applied.
- * NULL with errstr on a configuration error. */
+/* An idempotent lz4 producer to `brokers` with every -X of cfg applied,
+ * able to send a value of max_bytes with its key and headers. NULL with
+ * errstr on a configuration error. */
 dead_letter_t *dead_letter_new(const config_t *cfg, const char *brokers,
-                               char *errstr, size_t errstr_size);
+                               size_t max_bytes, char *errstr,
+                               size_t errstr_size);
 void dead_letter_destroy(dead_letter_t *dl);
 
 /* Queues `rkm` (key, value, timestamp kept; value cut to max_bytes with

@@ -293,6 +293,15 @@ static void invalidator_handle(invalidator_t *iv,
     if (!p->assigned || iv->redis_down)
         return; /* fetched before a pause or rewind: comes again */
     metric_add(iv->messages, 1);
+    /* In the batch before anything can fail, so that a rewind covers
+     * this message too. */
+    if (!p->in_batch) {
+        p->in_batch = true;
+        p->first = rkm->offset;
+    }
+    p->next = rkm->offset + 1;
+    if (iv->batch_msgs++ == 0)
+        iv->batch_opened_ms = now_ms();
     item = &iv->items[iv->n_items];
     reason = invalidation_parse(rkm->payload, rkm->len,
                                 iv->conf->max_message_bytes, &item->inv, err,
@@ -322,13 +331,6 @@ static void invalidator_handle(invalidator_t *iv,
     } else {
         iv->n_items++;
     }
-    if (!p->in_batch) {
-        p->in_batch = true;
-        p->first = rkm->offset;
-    }
-    p->next = rkm->offset + 1;
-    if (iv->batch_msgs++ == 0)
-        iv->batch_opened_ms = now_ms();
 }
 
 /* ---------------------------------------------------------------- */
@@ -354,8 +356,12 @@ static void inv_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             memset(p, 0, sizeof(*p));
             p->assigned = true;
         }
+        /* librdkafka keeps a pause across unassign and assign: say what
+         * we want either way. */
         if (iv->redis_down)
             rd_kafka_pause_partitions(rk, parts);
+        else
+            rd_kafka_resume_partitions(rk, parts);
     } else {
         if (lost)
             invalidator_fail(iv, "partitions lost");

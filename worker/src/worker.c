@@ -331,8 +331,9 @@ int worker_main(int argc, char **argv)
             continue;
         dlq_topic_of(&cfg, dlq_flags[i], pipes[i].topic, pipes[i].dlq_topic,
                      sizeof(pipes[i].dlq_topic));
-        pipes[i].dlq = dead_letter_new(&cfg, config_str(&cfg, "brokers"), err,
-                                       sizeof(err));
+        pipes[i].dlq = dead_letter_new(
+            &cfg, config_str(&cfg, "brokers"),
+            (size_t)config_int(&cfg, "max-message-bytes"), err, sizeof(err));
         if (!pipes[i].dlq) {
             fprintf(stderr, "tally worker: %s\n", err);
             rc = 2;
