@@ -12,7 +12,9 @@
 stack_free_port() {
   local port
   for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 40000))
+    # Below the kernel's ephemeral range (32768+), where outgoing
+    # connections could hold the port.
+    port=$((10000 + RANDOM % 22000))
     if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
       echo "$port"
       return 0

@@ -219,21 +219,6 @@ it_wait_log() {
   fail "after ${timeout}s the log of $name shows no /$re/"
 }
 
-# Waits for worker NAME to exit on its own and sets IT_EXIT_RC to its
-# exit code: it_worker_wait_exit NAME [TIMEOUT]; fails if it still runs.
-# (Not in $(...): only the shell that started the worker can reap it.)
-it_worker_wait_exit() {
-  local name=$1 timeout=${2:-60} pid
-  pid=$(it_worker_pid "$name")
-  for _ in $(seq 1 $((timeout * 10))); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -0 "$pid" 2>/dev/null && fail "worker $name still runs after ${timeout}s"
-  IT_EXIT_RC=0
-  wait "$pid" 2>/dev/null || IT_EXIT_RC=$?
-}
-
 # A random integer in [LO, HI]: it_rand LO HI
 it_rand() {
   echo $(($1 + RANDOM % ($2 - $1 + 1)))
@@ -324,4 +309,22 @@ it_redis_start() {
     sleep 0.1
   done
   fail "redis did not answer on $port after a restart"
+}
+
+# A free TCP port for a listener of the test (e.g. --metrics-addr), below
+# the kernel's ephemeral range: a port in that range may be the local port
+# of one of the many client connections of a test, invisible to a connect
+# check, and bind() then fails with "Address already in use".
+it_free_port() {
+  local lo port
+  lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$lo" -gt 12000 ] 2>/dev/null || lo=32768
+  for _ in $(seq 1 100); do
+    port=$((10000 + RANDOM % (lo - 10000)))
+    if ! (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  fail "no free port below $lo"
 }

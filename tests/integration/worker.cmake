@@ -9,6 +9,13 @@ endfunction()
 
 tally_worker_test(worker_totals 300000)
 tally_worker_test(worker_race)
+# Robustness and contract details (each well under 2 minutes).
+tally_worker_test(worker_kill9)
+tally_worker_test(worker_pg_restart)
+tally_worker_test(worker_group)
+tally_worker_test(worker_dlq)
+tally_worker_test(worker_dedupe)
+tally_worker_test(cli)
 
 # cache.c against a private redis-server (tests/unit/test_cache_redis.c).
 add_test(NAME integration_cache

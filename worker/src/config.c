@@ -289,6 +289,18 @@ bool config_bool(const config_t *cfg, const char *name)
     return config_int(cfg, name) != 0;
 }
 
+const char *config_origin(const config_t *cfg, const char *name)
+{
+    static char flag[128];
+    int i = config_find(cfg, name, strlen(name));
+    if (i < 0)
+        abort();
+    if (cfg->vals[i].from && !strcmp(cfg->vals[i].from, "env"))
+        return cfg->defs[i].env;
+    snprintf(flag, sizeof(flag), "--%s", cfg->defs[i].name);
+    return flag;
+}
+
 int config_kafka_set(rd_kafka_conf_t *conf, const char *key, const char *val,
                      char *errstr, size_t errstr_size)
 {

@@ -81,6 +81,10 @@ const char *config_str(const config_t *cfg, const char *name);
 long long config_int(const config_t *cfg, const char *name);
 bool config_bool(const config_t *cfg, const char *name);
 
+/* How to name option `name` in a message: "--name", or its environment
+ * variable when the value came from there. */
+const char *config_origin(const config_t *cfg, const char *name);
+
 /* Applies every -X pair to `conf`. Returns -1 with errstr on an unknown
  * property or bad value. */
 int config_apply_x(const config_t *cfg, rd_kafka_conf_t *conf, char *errstr,

@@ -180,7 +180,8 @@ static enum MHD_Result metrics_answer(void *cls,
     return ret;
 }
 
-int metrics_start(const char *addr, char *errstr, size_t errstr_size)
+int metrics_start(const char *addr, const char *origin, char *errstr,
+                  size_t errstr_size)
 {
     struct sockaddr_in sin;
     char host[64];
@@ -192,7 +193,7 @@ int metrics_start(const char *addr, char *errstr, size_t errstr_size)
     colon = strrchr(addr, ':');
     if (!colon || (size_t)(colon - addr) >= sizeof(host)) {
         snprintf(errstr, errstr_size,
-                 "--metrics-addr: '%s' is not host:port", addr);
+                 "%s: '%s' is not host:port", origin, addr);
         return -1;
     }
     memcpy(host, addr, (size_t)(colon - addr));
@@ -207,7 +208,7 @@ int metrics_start(const char *addr, char *errstr, size_t errstr_size)
                                : host,
                   &sin.sin_addr) != 1) {
         snprintf(errstr, errstr_size,
-                 "--metrics-addr: '%s' is not an IPv4 host:port", addr);
+                 "%s: '%s' is not an IPv4 host:port", origin, addr);
         return -1;
     }
     daemon_handle = MHD_start_daemon(
@@ -216,7 +217,7 @@ int metrics_start(const char *addr, char *errstr, size_t errstr_size)
         MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
     if (!daemon_handle) {
         snprintf(errstr, errstr_size,
-                 "--metrics-addr: cannot listen on %s (in use?)", addr);
+                 "%s: cannot listen on %s (in use?)", origin, addr);
         return -1;
     }
     return 0;

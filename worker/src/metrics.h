@@ -29,8 +29,10 @@ void metric_set(metric_t *m, int64_t v);
 int64_t metric_get(const metric_t *m);
 
 /* Serves GET /metrics (and /healthz) on "host:port" in a background
- * thread. An empty addr turns it off. 0, or -1 with errstr. */
-int metrics_start(const char *addr, char *errstr, size_t errstr_size);
+ * thread. An empty addr turns it off. 0, or -1 with errstr, which names
+ * the setting as `origin` (e.g. "--metrics-addr"). */
+int metrics_start(const char *addr, const char *origin, char *errstr,
+                  size_t errstr_size);
 void metrics_stop(void);
 
 /* Renders all series in the text exposition format into buf; returns the

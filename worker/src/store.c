@@ -113,15 +113,8 @@ static void store_recover(store_t *st)
     }
 }
 
-/* Per session: timeouts, and the temp tables a batch goes through.
- * synchronous_commit off is safe here: the positions are committed in the
- * same transactions as the sums, so a commit lost in a Postgres crash is
- * lost with its positions, and those messages are consumed again. */
+/* The temp tables a batch goes through, created once per session. */
 static const char *const session_sql =
-    "SET statement_timeout = '120s';"
-    "SET idle_in_transaction_session_timeout = '300s';"
-    "SET TIME ZONE 'UTC';"
-    "SET synchronous_commit = off;"
     "CREATE TEMP TABLE IF NOT EXISTS tally_stage ("
     " seq integer, tenant_id text COLLATE \"C\","
     " idempotency_key text COLLATE \"C\", payload_hash bigint)"
@@ -154,9 +147,20 @@ int store_connect(store_t *st, char *errstr, size_t errstr_size)
         store_disconnect(st);
         return -1;
     }
-    /* Quiet the NOTICEs of "IF NOT EXISTS". */
-    if (store_exec(st, "SET client_min_messages = warning", errstr,
-                   errstr_size) == -1) {
+    /* Quiet the NOTICEs of "IF NOT EXISTS". Bounded waits: a member
+     * frozen inside a transaction (a zombie) must not hold a claim up
+     * for long; our own transactions never sit idle. */
+    if (store_exec(st,
+                   "SET client_min_messages = warning;"
+                   "SET statement_timeout = '120s';"
+                   "SET lock_timeout = '15s';"
+                   "SET idle_in_transaction_session_timeout = '30s';"
+                   "SET TIME ZONE 'UTC';"
+                   /* Safe: positions commit in the same transactions
+                    * as the sums, so a commit lost in a Postgres crash
+                    * is lost with its positions and consumed again. */
+                   "SET synchronous_commit = off",
+                   errstr, errstr_size) == -1) {
         store_disconnect(st);
         return -1;
     }

@@ -319,8 +319,9 @@ int worker_main(int argc, char **argv)
         rc = 2;
         goto out;
     }
-    if (metrics_start(config_str(&cfg, "metrics-addr"), err, sizeof(err)) ==
-        -1) {
+    if (metrics_start(config_str(&cfg, "metrics-addr"),
+                      config_origin(&cfg, "metrics-addr"), err,
+                      sizeof(err)) == -1) {
         fprintf(stderr, "tally worker: %s\n", err);
         rc = 2;
         goto out;
