@@ -2,6 +2,8 @@
 #include "config.h"
 
 #include <errno.h>
+
+#include "log.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,6 +226,29 @@ config_result_t config_parse(config_t *cfg, const char *command,
         return CONFIG_USAGE;
     }
     return CONFIG_OK;
+}
+
+int config_parse_command(config_t *cfg, const char *command,
+                         const char *summary, const opt_def_t *defs,
+                         size_t n_defs, int argc, char **argv)
+{
+    char err[512];
+    log_level_t level;
+
+    switch (config_parse(cfg, command, summary, defs, n_defs, argc, argv, 0,
+                         err, sizeof(err))) {
+    case CONFIG_OK:
+        break;
+    case CONFIG_EXIT_0:
+        return 0;
+    case CONFIG_USAGE:
+        fprintf(stderr, "tally %s: %s\n", command, err);
+        return 2;
+    }
+    if (config_find(cfg, "log-level", 9) >= 0 &&
+        log_level_parse(config_str(cfg, "log-level"), &level) == 0)
+        log_set_level(level);
+    return -1;
 }
 
 void config_free(config_t *cfg)

@@ -69,6 +69,14 @@ config_result_t config_parse(config_t *cfg, const char *command,
                              size_t n_defs, int argc, char **argv,
                              int max_args, char *errstr, size_t errstr_size);
 
+/* config_parse() for a command's main: prints a usage error as
+ * "tally CMD: message", applies --log-level when the table has it, and
+ * returns -1 to go on, or the exit code (0 after --help, 2 on a usage
+ * error). */
+int config_parse_command(config_t *cfg, const char *command,
+                         const char *summary, const opt_def_t *defs,
+                         size_t n_defs, int argc, char **argv);
+
 /* Frees what config_parse allocated. */
 void config_free(config_t *cfg);
 

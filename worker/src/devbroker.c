@@ -217,25 +217,15 @@ int devbroker_main(int argc, char **argv)
     const char *bootstrap_file, *bootstraps;
     bool file_written = false;
     struct sigaction sa;
-    log_level_t level;
     int partitions, brokers, replication;
     int ret = 1;
 
-    switch (config_parse(&cfg, "devbroker", DEVBROKER_SUMMARY, devbroker_opts,
-                         sizeof(devbroker_opts) / sizeof(*devbroker_opts),
-                         argc, argv, 0, errstr, sizeof(errstr))) {
-    case CONFIG_OK:
-        break;
-    case CONFIG_EXIT_0:
-        ret = 0;
+    ret = config_parse_command(&cfg, "devbroker", DEVBROKER_SUMMARY, devbroker_opts,
+                               sizeof(devbroker_opts) / sizeof(*devbroker_opts), argc,
+                               argv);
+    if (ret >= 0)
         goto out;
-    case CONFIG_USAGE:
-        fprintf(stderr, "tally devbroker: %s\n", errstr);
-        ret = 2;
-        goto out;
-    }
-    if (log_level_parse(config_str(&cfg, "log-level"), &level) == 0)
-        log_set_level(level);
+    ret = 1;
     partitions = (int)config_int(&cfg, "partitions");
     brokers = (int)config_int(&cfg, "brokers-count");
     replication = brokers < 3 ? brokers : 3;

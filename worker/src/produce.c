@@ -531,25 +531,15 @@ int produce_main(int argc, char **argv)
     usage_event_t ev;
     struct sigaction sa;
     const char *path;
-    log_level_t level;
     int ret = 1;
 
     memset(&stats, 0, sizeof(stats));
-    switch (config_parse(&cfg, "produce", PRODUCE_SUMMARY, produce_opts,
-                         sizeof(produce_opts) / sizeof(*produce_opts), argc,
-                         argv, 0, errstr, sizeof(errstr))) {
-    case CONFIG_OK:
-        break;
-    case CONFIG_EXIT_0:
-        ret = 0;
+    ret = config_parse_command(&cfg, "produce", PRODUCE_SUMMARY, produce_opts,
+                               sizeof(produce_opts) / sizeof(*produce_opts), argc,
+                               argv);
+    if (ret >= 0)
         goto out;
-    case CONFIG_USAGE:
-        fprintf(stderr, "tally produce: %s\n", errstr);
-        ret = 2;
-        goto out;
-    }
-    if (log_level_parse(config_str(&cfg, "log-level"), &level) == 0)
-        log_set_level(level);
+    ret = 1;
     validate = config_bool(&cfg, "validate");
 
     path = config_str(&cfg, "file");

@@ -91,29 +91,6 @@ static const opt_def_t migrate_opts[] = {
 
 #define N_OPTS(a) (sizeof(a) / sizeof(*(a)))
 
-/* Parses the command line; returns -1 to continue or the exit code. */
-static int parse_or_exit(config_t *cfg, const char *cmd, const char *summary,
-                         const opt_def_t *defs, size_t n, int argc,
-                         char **argv)
-{
-    char err[512];
-    log_level_t level;
-
-    switch (config_parse(cfg, cmd, summary, defs, n, argc, argv, 0, err,
-                         sizeof(err))) {
-    case CONFIG_OK:
-        break;
-    case CONFIG_EXIT_0:
-        return 0;
-    case CONFIG_USAGE:
-        fprintf(stderr, "tally %s: %s\n", cmd, err);
-        return 2;
-    }
-    if (log_level_parse(config_str(cfg, "log-level"), &level) == 0)
-        log_set_level(level);
-    return -1;
-}
-
 /* Connects and migrates. Postgres being down is not a reason to exit (an
  * orchestrator would restart us in a loop): it waits with the same backoff
  * as the worker, 1 s doubling to 60 s, until a signal. A migration that
@@ -145,7 +122,7 @@ int migrate_main(int argc, char **argv)
 {
     config_t cfg;
     store_t *st;
-    int rc = parse_or_exit(&cfg, "migrate",
+    int rc = config_parse_command(&cfg, "migrate",
                            "Apply the sql/ migrations (embedded in the "
                            "binary) that are not applied yet.",
                            migrate_opts, N_OPTS(migrate_opts), argc, argv);
@@ -284,7 +261,7 @@ int worker_main(int argc, char **argv)
     const char *dlq_flags[2] = {"usage-dlq-topic", "invalidation-dlq-topic"};
     char err[512];
     struct sigaction sa;
-    int rc = parse_or_exit(
+    int rc = config_parse_command(
         &cfg, "worker",
         "Consume token-usage events, count each (tenant, idempotency key) "
         "exactly once and\nkeep daily and monthly sums in Postgres; apply "
