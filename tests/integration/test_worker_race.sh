@@ -13,6 +13,18 @@ ev() { # tenant key tokens
   printf '{"tenant_id":"%s","idempotency_key":"%s","tokens":%s,"token_type":"llm","operation":"chat","occurred_at":"%s"}\n' "$1" "$2" "$3" "$now"
 }
 
+step "two tally migrate at once on an empty database: each migration once"
+it_sql "DROP SCHEMA tally CASCADE" >/dev/null 2>&1
+"$TALLY" migrate >"$IT_DIR/m1.log" 2>&1 &
+m1=$!
+"$TALLY" migrate >"$IT_DIR/m2.log" 2>&1 || fail "second migrate failed"
+wait "$m1" || fail "first migrate failed: $(cat "$IT_DIR/m1.log")"
+n=$(ls "$IT_ROOT"/sql/*.sql | wc -l)
+[ "$(it_sql "SELECT count(*) FROM tally.schema_migrations")" = "$n" ] ||
+  fail "schema_migrations does not list the $n migrations once each"
+applied=$(cat "$IT_DIR/m1.log" "$IT_DIR/m2.log" | grep -c "migration .* applied")
+[ "$applied" = "$n" ] || fail "$applied migrations applied, expected $n"
+
 step "worker running"
 it_worker_start w1
 for _ in $(seq 1 100); do
@@ -44,4 +56,4 @@ src=$(it_sql "SELECT source FROM tally.token_usage_events
 grep -q "committed by another worker meanwhile" "$IT_DIR/w1.log" ||
   fail "the worker did not take the race fallback (see w1.log)"
 it_worker_stop w1
-echo "PASS: a key inserted concurrently counts once"
+echo "PASS: concurrent migrations apply once; a key inserted concurrently counts once"
