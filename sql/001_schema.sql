@@ -64,7 +64,10 @@ CREATE TABLE tally.token_usage_events (
     completion_tokens bigint               NOT NULL DEFAULT 0,
     thoughts_tokens   bigint               NOT NULL DEFAULT 0,
     cached_tokens     bigint               NOT NULL DEFAULT 0,
-    metadata          jsonb,
+    -- json, not jsonb: kept exactly as it appeared in the event (the
+    -- worker already checked it), and jsonb would refuse some numbers
+    -- JSON allows (1e-20000), which would stall a batch for good.
+    metadata          json,
     -- Fingerprint of the payload, to report a key reused with another
     -- payload (NULL for events recorded through SQL).
     payload_hash      bigint,

@@ -157,7 +157,7 @@ BEGIN
          agent_id, conversation_id, collection_id, owner_tenant_id, tokens,
          coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
          coalesce(thoughts_tokens, 0), coalesce(cached_tokens, 0),
-         metadata, NULL, 'sql')
+         metadata::json, NULL, 'sql')
     ON CONFLICT ON CONSTRAINT token_usage_events_pkey DO NOTHING;
     IF NOT FOUND THEN
         RETURN false;

@@ -55,5 +55,12 @@ src=$(it_sql "SELECT source FROM tally.token_usage_events
 [ "$src" = "sql" ] || fail "race-1 stored from '$src', expected 'sql'"
 grep -q "committed by another worker meanwhile" "$IT_DIR/w1.log" ||
   fail "the worker did not take the race fallback (see w1.log)"
+step "metadata that JSON allows but jsonb would refuse is kept, not a stall"
+printf '%s\n' "{\"tenant_id\":\"tm\",\"idempotency_key\":\"m1\",\"tokens\":3,\"token_type\":\"llm\",\"operation\":\"chat\",\"occurred_at\":\"$now\",\"metadata\":{\"x\":1e-20000, \"y\":\"\\ud83d\\ude00\"}}" >"$IT_DIR/meta.jsonl"
+it_produce "$IT_DIR/meta.jsonl"
+it_wait_consumed 4 60
+[ "$(it_sql "SELECT metadata::text FROM tally.token_usage_events
+             WHERE tenant_id = 'tm'")" = '{"x":1e-20000, "y":"\ud83d\ude00"}' ] ||
+  fail "metadata not stored as it appeared"
 it_worker_stop w1
 echo "PASS: concurrent migrations apply once; a key inserted concurrently counts once"

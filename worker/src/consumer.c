@@ -271,17 +271,24 @@ static bool consumer_collect(consumer_t *c, bool wait);
  * failed; they stay CLAIMING). */
 static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
 {
-    store_position_t *pos;
+    store_position_t *pos = NULL;
+    bool *resolved = NULL; /* --start-from latest resolved and logged */
     char err[512];
     int rc = -1;
 
     if (l->cnt == 0)
         return 0;
     consumer_collect(c, true); /* the store is ours from here */
+    for (int i = 0; i < l->cnt; i++) {
+        /* Fenced meanwhile: our view of the group is stale; wait. */
+        if (consumer_part(c, l->elems[i].partition)->state != PART_CLAIMING)
+            return -1;
+    }
     if (!consumer_pg_ready(c))
         return -1;
     pos = calloc((size_t)l->cnt, sizeof(*pos));
-    if (!pos)
+    resolved = calloc((size_t)l->cnt, sizeof(*resolved));
+    if (!pos || !resolved)
         abort();
     for (int i = 0; i < l->cnt; i++) {
         pos[i].topic = c->conf->topic;
@@ -294,6 +301,33 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
     }
     consumer_pg_ok(c);
     for (int i = 0; i < l->cnt; i++) {
+        int64_t lo, hi;
+        rd_kafka_resp_err_t kerr;
+        if (pos[i].next_offset >= 0 || strcmp(c->conf->start_from, "latest"))
+            continue;
+        /* "latest" is resolved now and stored, so that a rewind before
+         * the first commit comes back here rather than to a later end. */
+        kerr = rd_kafka_query_watermark_offsets(c->rk, c->conf->topic,
+                                                pos[i].partition, &lo, &hi,
+                                                10000);
+        if (kerr) {
+            consumer_pg_failed(c, "cannot resolve --start-from latest",
+                               rd_kafka_err2str(kerr));
+            goto out;
+        }
+        pos[i].next_offset = hi;
+        if (store_init_position(c->conf->store, &pos[i], err, sizeof(err)) !=
+            STORE_OK) {
+            consumer_pg_failed(c, "cannot store the start position", err);
+            goto out;
+        }
+        log_info("%s [%" PRId32 "]: claimed (epoch %" PRId64
+                 "), no stored position: starting at the latest offset, "
+                 "%" PRId64 " (stored)",
+                 c->conf->topic, pos[i].partition, pos[i].epoch, hi);
+        resolved[i] = true;
+    }
+    for (int i = 0; i < l->cnt; i++) {
         part_t *p = consumer_part(c, pos[i].partition);
         p->epoch = pos[i].epoch;
         p->committed = pos[i].next_offset >= 0 ? pos[i].next_offset
@@ -302,6 +336,8 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
         p->state = PART_ACTIVE;
         p->in_batch = false;
         l->elems[i].offset = p->committed;
+        if (resolved[i])
+            continue; /* logged when resolved */
         if (pos[i].next_offset >= 0)
             log_info("%s [%" PRId32 "]: claimed (epoch %" PRId64
                      "), resuming at offset %" PRId64,
@@ -316,6 +352,7 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
     rc = 0;
 out:
     free(pos);
+    free(resolved);
     return rc;
 }
 
@@ -581,6 +618,8 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
         dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) ==
             -1) {
         consumer_abandon_batch(c, err);
+        /* Kafka trouble: back off before claiming and consuming again. */
+        consumer_pg_failed(c, "dead letters not acknowledged", err);
         return -1;
     }
     if (!consumer_pg_ready(c)) {
@@ -593,7 +632,7 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
         abort();
     for (int32_t i = 0; i < c->n_parts; i++) {
         part_t *p = &c->parts[i];
-        if (!p->in_batch)
+        if (!p->in_batch || p->state != PART_ACTIVE)
             continue;
         com->pos[n].topic = c->conf->topic;
         com->pos[n].partition = i;
@@ -637,7 +676,6 @@ static void consumer_refresh_enums(consumer_t *c)
 {
     char err[512];
     usage_enum_t tt, ops;
-    c->enums_read_ms = now_ms();
     consumer_collect(c, true);
     if (!consumer_pg_ready(c))
         return;
@@ -646,6 +684,7 @@ static void consumer_refresh_enums(consumer_t *c)
         log_warn("cannot re-read enums: %s", err);
         return;
     }
+    c->enums_read_ms = now_ms();
     c->token_types = tt;
     c->operations = ops;
 }
@@ -718,6 +757,10 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
         now_ms() - c->enums_read_ms >= ENUM_REFRESH_MS) {
         /* ALTER TYPE ... ADD VALUE works without a restart. */
         consumer_refresh_enums(c);
+        /* The refresh waited for the batch in flight: if that failed, the
+         * open batch and this partition's position went with it. */
+        if (!p->assigned || p->state != PART_ACTIVE)
+            return;
         reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
                                    sizeof(err));
     }

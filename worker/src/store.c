@@ -438,6 +438,36 @@ out:
     return rc;
 }
 
+store_status_t store_init_position(store_t *st, const store_position_t *pos,
+                                   char *errstr, size_t errstr_size)
+{
+    char part[16], off[32], epoch[32];
+    const char *params[] = {st->group, pos->topic, part, off, epoch};
+    PGresult *res;
+    store_status_t rc = STORE_OK;
+
+    snprintf(part, sizeof(part), "%" PRId32, pos->partition);
+    snprintf(off, sizeof(off), "%" PRId64, pos->next_offset);
+    snprintf(epoch, sizeof(epoch), "%" PRId64, pos->epoch);
+    res = PQexecParams(st->conn,
+                       "UPDATE tally.consumer_offsets SET next_offset = $4,"
+                       " updated_at = now() WHERE group_id = $1"
+                       " AND topic = $2 AND partition = $3::int"
+                       " AND epoch = $5::bigint AND next_offset IS NULL",
+                       5, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        store_error(errstr, errstr_size, "postgres position",
+                    PQresultErrorMessage(res));
+        store_recover(st);
+        rc = STORE_RETRY;
+    } else if (strcmp(PQcmdTuples(res), "1") != 0) {
+        snprintf(errstr, errstr_size, "fenced while setting the position");
+        rc = STORE_FENCED;
+    }
+    PQclear(res);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- */
 /* Batch commit                                                       */
 
@@ -584,23 +614,22 @@ static const char *const copy_events_sql =
  * between our check and our insert): through a stage, tolerating it. */
 static const char *const copy_rows_stage_sql =
     "COPY tally_stage_rows " EVENTS_COLS " FROM STDIN";
+/* ... and which of them lost that race: those this insert did not
+ * insert (decided by the insert itself, not by comparing sources). */
 static const char *const insert_racing_sql =
-    "INSERT INTO tally.token_usage_events " EVENTS_COLS
+    "WITH ins AS ("
+    " INSERT INTO tally.token_usage_events " EVENTS_COLS
     " SELECT tenant_id, idempotency_key, occurred_at, token_type,"
     " operation, model, agent_id, conversation_id, collection_id,"
     " owner_tenant_id, tokens, prompt_tokens, completion_tokens,"
     " thoughts_tokens, cached_tokens, metadata, payload_hash, source"
     " FROM tally_stage_rows ORDER BY tenant_id, idempotency_key"
-    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING";
-
-/* Which of them lost that race (the stored row is not ours). */
-static const char *const lost_race_sql =
-    "SELECT s.seq, e.payload_hash IS NOT NULL"
-    " AND e.payload_hash <> s.payload_hash"
-    " FROM tally_stage_rows r"
-    " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)"
+    " ON CONFLICT (tenant_id, idempotency_key) DO NOTHING"
+    " RETURNING tenant_id, idempotency_key)"
+    " SELECT s.seq, false FROM tally_stage_rows r"
     " JOIN tally_stage s USING (tenant_id, idempotency_key)"
-    " WHERE e.source <> r.source";
+    " WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.tenant_id = r.tenant_id"
+    " AND i.idempotency_key = r.idempotency_key)";
 
 static const char *const upsert_sums_sql =
     "WITH d AS ("
@@ -770,8 +799,7 @@ static int store_dedupe(store_t *st, batch_t *batch,
                    errstr_size) == -1 ||
         store_copy_new_events(st, batch, copy_rows_stage_sql, NULL, errstr,
                               errstr_size) == -1 ||
-        store_exec(st, insert_racing_sql, errstr, errstr_size) == -1 ||
-        store_mark(st, batch, lost_race_sql, out, &seqs, errstr,
+        store_mark(st, batch, insert_racing_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
     rc = 0;

@@ -67,6 +67,12 @@ int store_read_dedupe_days(store_t *st, int *days, char *errstr,
 store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
                            char *errstr, size_t errstr_size);
 
+/* Records `next_offset` as the position of a partition claimed with none
+ * (where --start-from latest resolved to), if our epoch still holds, so
+ * that a rewind before the first commit comes back to it. */
+store_status_t store_init_position(store_t *st, const store_position_t *pos,
+                                   char *errstr, size_t errstr_size);
+
 /* Commits a batch in one transaction: fences (every pos[i].epoch must
  * still be current, else STORE_FENCED with pos[i].fenced set, nothing
  * written), inserts the new events into the dedupe store, marks in
