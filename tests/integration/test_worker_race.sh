@@ -25,8 +25,16 @@ n=$(ls "$IT_ROOT"/sql/*.sql | wc -l)
 applied=$(cat "$IT_DIR/m1.log" "$IT_DIR/m2.log" | grep -c "migration .* applied")
 [ "$applied" = "$n" ] || fail "$applied migrations applied, expected $n"
 
-step "worker running"
-it_worker_start w1
+step "worker running (pruning every second); an event past the window is stored"
+ins() { # key, age in days
+  it_sql "INSERT INTO tally.token_usage_events (tenant_id, idempotency_key,
+      occurred_at, token_type, operation, tokens, source)
+      VALUES ('tp', '$1', now() - interval '$2 days', 'llm', 'chat', 1,
+              'test')" >/dev/null
+}
+ins old-1 40
+ins recent-1 2
+it_worker_start w1 --prune-interval 1
 for _ in $(seq 1 100); do
   [ "$(it_sql "SELECT count(*) FROM tally.consumer_offsets")" = "2" ] && break
   sleep 0.1
@@ -62,5 +70,11 @@ it_wait_consumed 4 60
 [ "$(it_sql "SELECT metadata::text FROM tally.token_usage_events
              WHERE tenant_id = 'tm'")" = '{"x":1e-20000, "y":"\ud83d\ude00"}' ] ||
   fail "metadata not stored as it appeared"
+step "the event past the window (plus a day) was pruned, the recent one kept"
+keys=$(it_sql "SELECT string_agg(idempotency_key, ',') FROM
+               tally.token_usage_events WHERE tenant_id = 'tp'")
+[ "$keys" = "recent-1" ] || fail "events of tenant tp left: $keys"
+grep -q "pruned 1 events past the 35-day dedupe window" "$IT_DIR/w1.log" ||
+  fail "the pruning was not logged"
 it_worker_stop w1
-echo "PASS: concurrent migrations apply once; a key inserted concurrently counts once"
+echo "PASS: concurrent migrations apply once; a key inserted concurrently counts once; pruning past the window"

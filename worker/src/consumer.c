@@ -960,7 +960,11 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     c.conf = conf;
     c.pg_backoff_ms = BACKOFF_MIN_MS;
     c.progress_ms = now_ms();
-    c.last_prune_ms = now_ms() - conf->prune_interval_s * 1000 + 60000;
+    /* The first pruning comes one interval, or a minute, after start. */
+    c.last_prune_ms = now_ms() - conf->prune_interval_s * 1000 +
+                      (conf->prune_interval_s < 60
+                           ? conf->prune_interval_s * 1000
+                           : 60000);
     consumer_metrics_init(&c.m);
     c.batch = batch_new(conf->batch_size);
     c.spare = batch_new(conf->batch_size);

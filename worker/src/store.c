@@ -95,6 +95,25 @@ static int store_exec(store_t *st, const char *sql, char *errstr,
     return rc;
 }
 
+/* Runs `sql` (with n_params text parameters) and returns its result if
+ * its status is `want`; otherwise NULL, with errstr "what: message". The
+ * caller PQclear()s the result, and recovers the connection on failure. */
+static PGresult *store_query(store_t *st, const char *what, const char *sql,
+                             int n_params, const char *const *params,
+                             ExecStatusType want, char *errstr,
+                             size_t errstr_size)
+{
+    PGresult *res = n_params > 0
+                        ? PQexecParams(st->conn, sql, n_params, NULL, params,
+                                       NULL, NULL, 0)
+                        : PQexec(st->conn, sql);
+    if (PQresultStatus(res) == want)
+        return res;
+    store_error(errstr, errstr_size, what, PQresultErrorMessage(res));
+    PQclear(res);
+    return NULL;
+}
+
 /* After a failure: roll back if the connection still works, drop it
  * otherwise. */
 static void store_recover(store_t *st)
@@ -205,18 +224,14 @@ int store_migrate(store_t *st, int *applied, char *errstr,
     for (size_t i = 0; i < migrations_count; i++) {
         const migration_t *m = &migrations[i];
         const char *params[] = {m->name};
-        PGresult *res = PQexecParams(
-            st->conn,
+        PGresult *res = store_query(
+            st, "postgres",
             "SELECT 1 FROM tally.schema_migrations WHERE version = $1", 1,
-            NULL, params, NULL, NULL, 0);
+            params, PGRES_TUPLES_OK, errstr, errstr_size);
         int done;
 
-        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            store_error(errstr, errstr_size, "postgres",
-                        PQresultErrorMessage(res));
-            PQclear(res);
+        if (!res)
             goto unlock;
-        }
         done = PQntuples(res) > 0;
         PQclear(res);
         if (done)
@@ -231,14 +246,11 @@ int store_migrate(store_t *st, int *applied, char *errstr,
             store_recover(st);
             goto unlock;
         }
-        res = PQexecParams(st->conn,
-                           "INSERT INTO tally.schema_migrations (version) "
-                           "VALUES ($1)",
-                           1, NULL, params, NULL, NULL, 0);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            store_error(errstr, errstr_size, "postgres",
-                        PQresultErrorMessage(res));
-            PQclear(res);
+        res = store_query(st, "postgres",
+                          "INSERT INTO tally.schema_migrations (version) "
+                          "VALUES ($1)",
+                          1, params, PGRES_COMMAND_OK, errstr, errstr_size);
+        if (!res) {
             store_recover(st);
             goto unlock;
         }
@@ -276,11 +288,10 @@ static int store_read_enum(store_t *st, const char *type, usage_enum_t *e,
 
     snprintf(sql, sizeof(sql),
              "SELECT unnest(enum_range(NULL::%s))::text", type);
-    res = PQexec(st->conn, sql);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        store_error(errstr, errstr_size, type, PQresultErrorMessage(res));
+    res = store_query(st, type, sql, 0, NULL, PGRES_TUPLES_OK, errstr,
+                      errstr_size);
+    if (!res)
         goto out;
-    }
     e->n = 0;
     for (int i = 0; i < PQntuples(res); i++) {
         const char *v = PQgetvalue(res, i, 0);
@@ -313,20 +324,18 @@ int store_read_enums(store_t *st, usage_enum_t *token_types,
 int store_read_dedupe_days(store_t *st, int *days, char *errstr,
                            size_t errstr_size)
 {
-    PGresult *res = PQexec(st->conn, "SELECT value FROM tally.settings "
-                                     "WHERE name = 'dedupe_days'");
-    int rc = -1;
-
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        store_error(errstr, errstr_size, "postgres",
-                    PQresultErrorMessage(res));
+    PGresult *res = store_query(st, "postgres",
+                                "SELECT value FROM tally.settings"
+                                " WHERE name = 'dedupe_days'",
+                                0, NULL, PGRES_TUPLES_OK, errstr,
+                                errstr_size);
+    if (!res) {
         store_recover(st);
-    } else {
-        *days = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : -1;
-        rc = 0;
+        return -1;
     }
+    *days = PQntuples(res) ? atoi(PQgetvalue(res, 0, 0)) : -1;
     PQclear(res);
-    return rc;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- */
@@ -403,8 +412,8 @@ store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
     positions_arrays(pos, n, &arrays, params);
     params[2] = st->group;
     params[3] = st->owner;
-    res = PQexecParams(
-        st->conn,
+    res = store_query(
+        st, "postgres claim",
         "INSERT INTO tally.consumer_offsets AS o"
         " (group_id, topic, partition, next_offset, epoch, owner)"
         " SELECT $3, v.topic, v.partition, NULL, 1, $4"
@@ -414,10 +423,8 @@ store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
         " SET epoch = o.epoch + 1, owner = EXCLUDED.owner,"
         " claimed_at = now()"
         " RETURNING o.topic, o.partition, o.next_offset, o.epoch",
-        4, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        store_error(errstr, errstr_size, "postgres claim",
-                    PQresultErrorMessage(res));
+        4, params, PGRES_TUPLES_OK, errstr, errstr_size);
+    if (!res) {
         store_recover(st);
         goto out;
     }
@@ -449,18 +456,17 @@ store_status_t store_init_position(store_t *st, const store_position_t *pos,
     snprintf(part, sizeof(part), "%" PRId32, pos->partition);
     snprintf(off, sizeof(off), "%" PRId64, pos->next_offset);
     snprintf(epoch, sizeof(epoch), "%" PRId64, pos->epoch);
-    res = PQexecParams(st->conn,
-                       "UPDATE tally.consumer_offsets SET next_offset = $4,"
-                       " updated_at = now() WHERE group_id = $1"
-                       " AND topic = $2 AND partition = $3::int"
-                       " AND epoch = $5::bigint AND next_offset IS NULL",
-                       5, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        store_error(errstr, errstr_size, "postgres position",
-                    PQresultErrorMessage(res));
+    res = store_query(st, "postgres position",
+                      "UPDATE tally.consumer_offsets SET next_offset = $4,"
+                      " updated_at = now() WHERE group_id = $1"
+                      " AND topic = $2 AND partition = $3::int"
+                      " AND epoch = $5::bigint AND next_offset IS NULL",
+                      5, params, PGRES_COMMAND_OK, errstr, errstr_size);
+    if (!res) {
         store_recover(st);
-        rc = STORE_RETRY;
-    } else if (strcmp(PQcmdTuples(res), "1") != 0) {
+        return STORE_RETRY;
+    }
+    if (strcmp(PQcmdTuples(res), "1") != 0) {
         snprintf(errstr, errstr_size, "fenced while setting the position");
         rc = STORE_FENCED;
     }
@@ -477,15 +483,12 @@ store_status_t store_init_position(store_t *st, const store_position_t *pos,
 static int store_copy_begin(store_t *st, const char *sql, char *errstr,
                             size_t errstr_size)
 {
-    PGresult *res = PQexec(st->conn, sql);
-    int rc = 0;
-    if (PQresultStatus(res) != PGRES_COPY_IN) {
-        store_error(errstr, errstr_size, "postgres copy",
-                    PQresultErrorMessage(res));
-        rc = -1;
-    }
+    PGresult *res = store_query(st, "postgres copy", sql, 0, NULL,
+                                PGRES_COPY_IN, errstr, errstr_size);
+    if (!res)
+        return -1;
     PQclear(res);
-    return rc;
+    return 0;
 }
 
 static int store_copy_put(store_t *st, const char *data, size_t len,
@@ -679,13 +682,10 @@ static store_status_t store_advance(store_t *st, store_position_t *pos,
 
     positions_arrays(pos, n, &arrays, params);
     params[4] = st->group;
-    res = PQexecParams(st->conn, advance_sql, 5, NULL, params, NULL, NULL,
-                       0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        store_error(errstr, errstr_size, "postgres offsets",
-                    PQresultErrorMessage(res));
+    res = store_query(st, "postgres offsets", advance_sql, 5, params,
+                      PGRES_TUPLES_OK, errstr, errstr_size);
+    if (!res)
         goto out;
-    }
     for (size_t i = 0; i < n; i++)
         pos[i].fenced = true;
     for (int r = 0; r < PQntuples(res); r++) {
@@ -749,18 +749,13 @@ static int store_mark(store_t *st, batch_t *batch, const char *sql,
                       store_batch_result_t *out, char **seqs, char *errstr,
                       size_t errstr_size)
 {
-    PGresult *res = PQexec(st->conn, sql);
-    int rc = -1;
-
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        store_error(errstr, errstr_size, "postgres dedupe",
-                    PQresultErrorMessage(res));
-    } else {
-        *seqs = mark_counted_before(batch, res, out);
-        rc = 0;
-    }
+    PGresult *res = store_query(st, "postgres dedupe", sql, 0, NULL,
+                                PGRES_TUPLES_OK, errstr, errstr_size);
+    if (!res)
+        return -1;
+    *seqs = mark_counted_before(batch, res, out);
     PQclear(res);
-    return rc;
+    return 0;
 }
 
 /* The dedupe step: marks in the batch the events whose key is in the
@@ -871,7 +866,6 @@ int store_prune_events(store_t *st, int dedupe_days, long limit,
 {
     char sql[512];
     PGresult *res;
-    int rc = -1;
 
     snprintf(sql, sizeof(sql),
              "DELETE FROM tally.token_usage_events WHERE ctid = ANY(ARRAY("
@@ -879,15 +873,13 @@ int store_prune_events(store_t *st, int dedupe_days, long limit,
              " WHERE occurred_at < now() - interval '%d days'"
              " LIMIT %ld))",
              dedupe_days + 1, limit);
-    res = PQexec(st->conn, sql);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        store_error(errstr, errstr_size, "postgres prune",
-                    PQresultErrorMessage(res));
+    res = store_query(st, "postgres prune", sql, 0, NULL, PGRES_COMMAND_OK,
+                      errstr, errstr_size);
+    if (!res) {
         store_recover(st);
-    } else {
-        *deleted = atol(PQcmdTuples(res));
-        rc = 0;
+        return -1;
     }
+    *deleted = atol(PQcmdTuples(res));
     PQclear(res);
-    return rc;
+    return 0;
 }
