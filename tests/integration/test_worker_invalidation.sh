@@ -445,10 +445,10 @@ EOF
 wait_offsets_at_end() {
   local why
   for _ in $(seq 1 "$1"); do
-    why=$(offsets_at_end tally) && return 0
+    why=$(offsets_at_end tally.invalidation) && return 0
     sleep 1
   done
-  fail "Kafka offsets of group tally on cache-invalidation: $why"
+  fail "Kafka offsets of group tally.invalidation on cache-invalidation: $why"
 }
 
 # Token-usage events: usage_events FILE TENANT N (tokens 1..N, key i).
@@ -481,7 +481,7 @@ seed_redis "$IT_DIR/main.seed"
 assert_keys "$IT_DIR/main.seed" "after seeding"
 subscribe sub1
 it_worker_start w1
-# Both consumers are members of group tally: produce once both have their
+# Both consumers joined their groups (tally, tally.invalidation): produce once both have their
 # partitions, so that no commit races the second one's join (a commit
 # refused for a stale generation makes the assignment "lost").
 it_wait_log w1 "rebalance \(cache-invalidation\): assigned [1-9]" 30
@@ -524,7 +524,7 @@ usage_events "$IT_DIR/usage1.jsonl" u-down 40
 it_produce "$IT_DIR/usage1.jsonl"
 wait_tokens u-down 820 30 "token-usage while Redis is down"
 # Nothing of the pending invalidations is committed before Redis took it.
-if offsets_at_end tally >/dev/null; then
+if offsets_at_end tally.invalidation >/dev/null; then
   fail "cache-invalidation offsets committed while Redis is down"
 fi
 it_wait_log w1 "retrying in 2 s" 20

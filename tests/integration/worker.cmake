@@ -24,3 +24,7 @@ add_test(NAME integration_cache
 set_tests_properties(integration_cache PROPERTIES
                      TIMEOUT 300 LABELS integration)
 tally_worker_test(worker_invalidation)
+
+# The fault suite (tests/integration/test_fault_*.sh): each ends on exact
+# totals against what was produced.
+tally_worker_test(fault_poison)

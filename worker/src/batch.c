@@ -22,8 +22,13 @@ typedef struct {
     size_t source_off;     /* arena: "topic/partition/offset\0" */
     size_t row_off;        /* its row in `rows` */
     size_t row_len;
+    size_t key_row_off;    /* its row in `keys` */
+    size_t key_row_len;
+    size_t reject_off;     /* arena: why Postgres rejected it */
     uint32_t bucket;       /* index into buckets */
     bool counted_before;   /* found in the dedupe store */
+    bool unselected;       /* outside the range being committed */
+    bool rejected;         /* Postgres refused it: never committed */
     int64_t sums[N_SUMS];
 } batch_event_t;
 
@@ -258,6 +263,7 @@ static void batch_stage_row(batch_t *b, batch_event_t *e, size_t seq,
                          ev->collection_id, ev->owner_tenant_id};
     char ts[32];
 
+    e->key_row_off = k->len;
     buf_put_i64(k, (int64_t)seq);
     buf_putc(k, '\t');
     buf_put_copy_str(k, ev->tenant_id, strlen(ev->tenant_id), false);
@@ -267,6 +273,7 @@ static void batch_stage_row(batch_t *b, batch_event_t *e, size_t seq,
     buf_putc(k, '\t');
     buf_put_i64(k, (int64_t)ev->payload_hash);
     buf_putc(k, '\n');
+    e->key_row_len = k->len - e->key_row_off;
 
     e->row_off = s->len;
     buf_put_copy_str(s, ev->tenant_id, strlen(ev->tenant_id), false);
@@ -330,6 +337,8 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
     buf_put(&b->arena, source, strlen(source) + 1);
     e->bucket = batch_bucket_of(b, ev);
     e->counted_before = false;
+    e->unselected = false;
+    e->rejected = false;
     e->sums[0] = ev->tokens;
     e->sums[1] = ev->prompt_tokens;
     e->sums[2] = ev->completion_tokens;
@@ -343,10 +352,48 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 /* ---------------------------------------------------------------- */
 /* Reading back                                                       */
 
-const char *batch_keys_copy(const batch_t *b, size_t *len)
+const char *batch_key_row(const batch_t *b, size_t seq, size_t *len)
 {
-    *len = b->keys.len;
-    return b->keys.data;
+    if (seq >= b->n_events) {
+        *len = 0;
+        return "";
+    }
+    *len = b->events[seq].key_row_len;
+    return b->keys.data + b->events[seq].key_row_off;
+}
+
+bool batch_is_selected(const batch_t *b, size_t seq)
+{
+    return seq < b->n_events && !b->events[seq].unselected &&
+           !b->events[seq].rejected;
+}
+
+void batch_select(batch_t *b, size_t lo, size_t hi)
+{
+    for (size_t i = 0; i < b->n_events; i++)
+        b->events[i].unselected = i < lo || i >= hi;
+}
+
+void batch_reset_marks(batch_t *b)
+{
+    for (size_t i = 0; i < b->n_events; i++)
+        b->events[i].counted_before = false;
+}
+
+void batch_reject(batch_t *b, size_t seq, const char *why)
+{
+    if (seq >= b->n_events || b->events[seq].rejected)
+        return;
+    b->events[seq].rejected = true;
+    b->events[seq].reject_off = b->arena.len;
+    buf_put(&b->arena, why, strlen(why) + 1);
+}
+
+const char *batch_rejected(const batch_t *b, size_t seq)
+{
+    if (seq >= b->n_events || !b->events[seq].rejected)
+        return NULL;
+    return b->arena.data + b->events[seq].reject_off;
 }
 
 const char *batch_event_row(const batch_t *b, size_t seq, size_t *len)
@@ -400,7 +447,7 @@ const char *batch_aggregate_copy(batch_t *b, size_t *len, size_t *rows,
     for (size_t i = 0; i < b->n_events; i++) {
         const batch_event_t *e = &b->events[i];
         batch_bucket_t *bk = &b->buckets[e->bucket];
-        if (e->counted_before)
+        if (e->counted_before || e->unselected || e->rejected)
             continue;
         for (int j = 0; j < N_SUMS; j++)
             bk->sums[j] += e->sums[j];

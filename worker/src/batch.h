@@ -32,10 +32,27 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 size_t batch_count(const batch_t *b); /* distinct events held */
 bool batch_is_full(const batch_t *b);
 
-/* The keys of the distinct events as COPY text rows (seq, tenant_id,
- * idempotency_key, payload_hash), seq 0..count-1: what the dedupe check
- * needs. Valid until the next batch_add/clear. */
-const char *batch_keys_copy(const batch_t *b, size_t *len);
+/* The key of event `seq` as one COPY text row (seq, tenant_id,
+ * idempotency_key, payload_hash): what the dedupe check needs. Rows of
+ * consecutive seqs are contiguous. Valid until the next batch_add/clear. */
+const char *batch_key_row(const batch_t *b, size_t seq, size_t *len);
+
+/* Selection, for committing part of a batch (finding the events Postgres
+ * rejects): only the events of [lo, hi) that are not rejected are
+ * selected; batch_select(b, 0, SIZE_MAX) selects all. Unselected events
+ * are left out of batch_aggregate_copy() and must be left out of the
+ * rows the caller copies. */
+void batch_select(batch_t *b, size_t lo, size_t hi);
+bool batch_is_selected(const batch_t *b, size_t seq);
+
+/* Clears every batch_mark_counted_before() (a new attempt). */
+void batch_reset_marks(batch_t *b);
+
+/* Marks event `seq` as refused by Postgres for good (`why`: the SQL
+ * error), so that it is never selected again; batch_rejected() returns
+ * the reason, or NULL for an event not rejected. */
+void batch_reject(batch_t *b, size_t seq, const char *why);
+const char *batch_rejected(const batch_t *b, size_t seq);
 
 /* Event `seq` as one COPY text row of tally.token_usage_events (tenant_id,
  * idempotency_key, occurred_at, token_type, operation, model, agent_id,
@@ -54,7 +71,7 @@ void batch_mark_counted_before(batch_t *b, size_t seq);
 const char *batch_event_source(const batch_t *b, size_t seq);
 const char *batch_event_key(const batch_t *b, size_t seq, const char **tenant);
 
-/* Sums the events not marked into one row per daily bucket (tenant, day,
+/* Sums the selected events not marked into one row per daily bucket (tenant, day,
  * token_type, operation, model, agent_id) and returns them as COPY text
  * rows: tenant, day number since 1970-01-01, token_type, operation, model,
  * agent_id, tokens, prompt, completion, thoughts, cached, events.

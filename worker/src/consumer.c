@@ -12,6 +12,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include "batch.h"
+#include "fault.h"
 #include "kafka.h"
 #include "log.h"
 #include "metrics.h"
@@ -45,7 +46,7 @@ typedef struct {
     metric_t *messages, *counted, *dup_batch, *dup_store, *conflicts;
     metric_t *dead_letters[USAGE_ERR__COUNT];
     metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
-    metric_t *commit_us, *skipped;
+    metric_t *commit_us, *skipped, *store_rejected;
     metric_t *parse_ns, *poll_ns, *commit_wait_ns;
 } consumer_metrics_t;
 
@@ -139,6 +140,8 @@ static void consumer_metrics_init(consumer_metrics_t *m)
             "tally_usage_dead_letters_total", labels[r],
             "messages sent to the dead-letter topic, by reason");
     }
+    m->store_rejected = metrics_counter("tally_usage_dead_letters_total",
+                                        "reason=\"store_rejected\"", NULL);
     m->batches = metrics_counter("tally_usage_batches_total", NULL,
                                  "batches committed to Postgres");
     m->batch_failures = metrics_counter(
@@ -462,6 +465,94 @@ static void consumer_abandon_batch(consumer_t *c, const char *why);
 static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
                                   size_t n, bool sync);
 
+/* Dead letters for the events of `batch` that Postgres refused: reason
+ * store_rejected, the SQL error as the message, and the original
+ * message, read again from Kafka by its position. Waits for their
+ * acknowledgement. 0, or -1 with errstr (the batch is then abandoned and
+ * consumed again after a backoff). */
+typedef struct {
+    consumer_t *c;
+    const char **why;
+} rejected_ctx_t;
+
+static int consumer_send_rejected(void *arg, size_t i,
+                                  const rd_kafka_message_t *rkm)
+{
+    rejected_ctx_t *ctx = arg;
+    consumer_t *c = ctx->c;
+    char err[512];
+    int r;
+
+    log_warn("%s [%" PRId32 "] offset %" PRId64 ": refused by postgres "
+             "(store_rejected): %s",
+             c->conf->topic, rkm->partition, rkm->offset, ctx->why[i]);
+    r = dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
+                         "store_rejected", ctx->why[i],
+                         c->conf->max_message_bytes, err, sizeof(err));
+    if (r == -1) {
+        log_warn("%s", err);
+        return -1;
+    }
+    if (r == 0)
+        metric_add(c->m.store_rejected, 1);
+    return 0;
+}
+
+static int consumer_dead_letter_rejected(consumer_t *c, batch_t *batch,
+                                         char *errstr, size_t errstr_size)
+{
+    size_t n = batch_count(batch), k = 0;
+    kafka_position_t *want = calloc(n + 1, sizeof(*want));
+    const char **why = calloc(n + 1, sizeof(*why));
+    rejected_ctx_t ctx = {c, why};
+    int rc = -1;
+
+    if (!want || !why)
+        abort();
+    /* Seqs follow the order of arrival, so offsets ascend within each
+     * partition; sorted by partition below (stable). */
+    for (size_t seq = 0; seq < n; seq++) {
+        const char *r = batch_rejected(batch, seq);
+        const char *src = batch_event_source(batch, seq);
+        const char *slash;
+        if (!r)
+            continue;
+        /* "<topic>/<partition>/<offset>", the topic may hold '/'. */
+        slash = strrchr(src, '/');
+        if (!slash || slash == src)
+            continue;
+        want[k].offset = strtoll(slash + 1, NULL, 10);
+        while (--slash > src && *slash != '/')
+            ;
+        want[k].partition = (int32_t)strtol(slash + 1, NULL, 10);
+        why[k] = r;
+        k++;
+    }
+    for (size_t i = 1; i < k; i++) { /* insertion sort: few entries */
+        kafka_position_t w = want[i];
+        const char *y = why[i];
+        size_t j = i;
+        while (j > 0 && want[j - 1].partition > w.partition) {
+            want[j] = want[j - 1];
+            why[j] = why[j - 1];
+            j--;
+        }
+        want[j] = w;
+        why[j] = y;
+    }
+    if (kafka_fetch_each(c->conf->cfg, c->conf->brokers, c->conf->topic,
+                         want, k, DLQ_FLUSH_MS, consumer_send_rejected, &ctx,
+                         errstr, errstr_size) == -1 ||
+        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, errstr,
+                          errstr_size) == -1)
+        goto out;
+    rc = 0;
+out:
+    free(want);
+    free(why);
+    return rc;
+}
+
 /* Takes the committer's result, if there is one (waiting for it when
  * `wait`), and acts on it: positions advanced, or the batch behind it
  * abandoned. Afterwards, when it returns true, the store is ours. */
@@ -469,6 +560,7 @@ static bool consumer_collect(consumer_t *c, bool wait)
 {
     committer_t *com = &c->com;
 
+again:
     pthread_mutex_lock(&com->mu);
     if (!com->busy) {
         pthread_mutex_unlock(&com->mu);
@@ -482,6 +574,20 @@ static bool consumer_collect(consumer_t *c, bool wait)
         pthread_cond_wait(&com->cv, &com->mu);
     pthread_mutex_unlock(&com->mu);
 
+    if (com->status == STORE_REJECTED) {
+        char err[512];
+        if (consumer_dead_letter_rejected(c, com->batch, err,
+                                          sizeof(err)) == 0) {
+            /* The same batch and positions, without those events. */
+            pthread_mutex_lock(&com->mu);
+            com->done = false;
+            pthread_cond_broadcast(&com->cv);
+            pthread_mutex_unlock(&com->mu);
+            goto again;
+        }
+        snprintf(com->err, sizeof(com->err), "%s", err);
+        com->status = STORE_RETRY;
+    }
     if (com->status == STORE_FENCED) {
         for (size_t i = 0; i < com->n; i++) {
             if (com->pos[i].fenced)
@@ -517,6 +623,7 @@ static bool consumer_collect(consumer_t *c, bool wait)
         consumer_pg_failed(c, "postgres commit failed", com->err);
         consumer_abandon_batch(c, "the batch before it failed");
     } else {
+        fault_point("after-pg-commit"); /* before the Kafka commit */
         consumer_pg_ok(c);
         metric_add(c->m.commit_us, (uint64_t)com->took_us);
         metric_add(c->m.batches, 1);
@@ -528,9 +635,12 @@ static bool consumer_collect(consumer_t *c, bool wait)
                   com->msgs, com->res.counted, com->res.counted_before,
                   com->res.buckets, com->dlq,
                   (double)com->took_us / 1000.0);
-        for (size_t i = 0; i < com->n; i++)
+        for (size_t i = 0; i < com->n; i++) {
             consumer_part(c, com->pos[i].partition)->committed =
                 com->pos[i].next_offset;
+            dead_letter_forget(c->conf->dlq, com->pos[i].partition,
+                               com->pos[i].next_offset);
+        }
         consumer_commit_kafka(c, com->pos, com->n, false);
     }
     batch_clear(com->batch);
@@ -696,16 +806,20 @@ static void consumer_dead_letter(consumer_t *c, const rd_kafka_message_t *rkm,
     log_warn("%s [%" PRId32 "] offset %" PRId64 ": rejected (%s): %s",
              c->conf->topic, rkm->partition, rkm->offset,
              usage_reason_code(reason), msg);
-    if (dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
-                         usage_reason_code(reason), msg,
-                         c->conf->max_message_bytes, err,
-                         sizeof(err)) == -1) {
+    switch (dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
+                             usage_reason_code(reason), msg,
+                             c->conf->max_message_bytes, err, sizeof(err))) {
+    case -1:
         /* Not even queued: the offset must not advance past it. */
         consumer_abandon_batch(c, err);
         return;
+    case 0:
+        metric_add(c->m.dead_letters[reason], 1);
+        break;
+    default:
+        break; /* sent before this rewind: not again */
     }
-    metric_add(c->m.dead_letters[reason], 1);
-    c->batch_dlq++;
+    c->batch_dlq++; /* acknowledged before the batch commits */
 }
 
 static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
@@ -853,6 +967,8 @@ static void consumer_revoke(consumer_t *c,
         part_t *p = consumer_part(c, parts->elems[i].partition);
         p->assigned = false;
         p->in_batch = false;
+        dead_letter_forget(c->conf->dlq, parts->elems[i].partition,
+                           INT64_MAX);
     }
     error = rd_kafka_incremental_unassign(c->rk, parts);
     if (error) {
@@ -863,13 +979,12 @@ static void consumer_revoke(consumer_t *c,
     consumer_update_assigned_gauge(c);
 }
 
-static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                         rd_kafka_topic_partition_list_t *parts,
-                         void *opaque)
+static void rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, bool lost)
 {
-    consumer_t *c = opaque;
-    bool lost = rd_kafka_assignment_lost(rk);
+    consumer_t *c = arg;
 
+    (void)rk;
     log_info("rebalance: %s %d partitions%s",
              err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
                                                          : "revoked",
@@ -888,7 +1003,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
  * the pre-fetch queue does the bounding; the message threshold is high
  * because librdkafka 2.0 parks a partition over it until its broker
  * thread looks again, which starves the consumer. */
-static const char *const consumer_kafka_defaults[] = {
+const char *const consumer_kafka_defaults[] = {
     "client.id", "tally-worker",
     /* Out of range (retention passed us): take what is left. */
     "auto.offset.reset", "earliest",
@@ -968,20 +1083,15 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     consumer_metrics_init(&c.m);
     c.batch = batch_new(conf->batch_size);
     c.spare = batch_new(conf->batch_size);
-    if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1) {
-        snprintf(errstr, errstr_size, "out of memory");
-        batch_free(c.batch);
-        batch_free(c.spare);
-        return -1;
-    }
+    if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1)
+        abort(); /* out of memory or threads at start */
     /* The enums as Postgres has them; the contract's until it answers. */
     usage_enums_default(&c.token_types, &c.operations);
     consumer_refresh_enums(&c);
 
-    c.rk = kafka_consumer_new(conf->cfg, conf->brokers, conf->group,
-                              conf->topic, consumer_kafka_defaults,
-                              rebalance_cb, &c, errstr, errstr_size);
-    if (!c.rk)
+    c.rk = kafka_consumer_rk(conf->kc);
+    if (kafka_consumer_subscribe(conf->kc, conf->topic, rebalance_cb, &c,
+                                 errstr, errstr_size) == -1)
         goto out;
     log_info("consuming %s as group %s (batches of %zu messages / %zu "
              "bytes / %d ms; dead letters to %s)",
@@ -1027,17 +1137,18 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
         consumer_collect(&c, true);
         consumer_abandon_batch(&c, "fatal error");
     }
-    rd_kafka_consumer_close(c.rk);
+    kafka_consumer_close(conf->kc); /* the last revocation comes here */
+    c.rk = NULL;
     if (c.fatal) {
         snprintf(errstr, errstr_size, "%s", c.fatal_error);
         goto out;
     }
     rc = 0;
 out:
+    if (c.rk)
+        kafka_consumer_close(conf->kc);
     consumer_collect(&c, true);
     committer_stop(&c.com);
-    if (c.rk)
-        rd_kafka_destroy(c.rk);
     batch_free(c.batch);
     batch_free(c.spare);
     free(c.parts);

@@ -7,10 +7,12 @@
 
 #include "config.h"
 #include "dead_letter.h"
+#include "kafka.h"
 #include "store.h"
 
 typedef struct {
-    const config_t *cfg; /* for -X pass-through */
+    kafka_consumer_t *kc; /* created, not subscribed; consumer_run closes it */
+    const config_t *cfg;  /* -X, for reading refused events again */
     const char *brokers;
     const char *group;
     const char *topic;
@@ -27,8 +29,12 @@ typedef struct {
     volatile sig_atomic_t *stop; /* set by the signal handler */
 } consumer_conf_t;
 
+/* librdkafka settings of the token-usage consumer (key, value pairs,
+ * NULL-terminated) that -X may override; for kafka_consumer_new(). */
+extern const char *const consumer_kafka_defaults[];
+
 /* Consumes `topic` until *stop, then commits the open batch, leaves the
- * group and returns 0. Returns -1 with errstr on a fatal error (bad
+ * group and returns 0. Closes conf->kc in every case. Returns -1 with errstr on a fatal error (bad
  * configuration, a fatal Kafka error). Postgres outages are not fatal:
  * it pauses, backs off and resumes by itself. */
 int consumer_run(const consumer_conf_t *conf, char *errstr,

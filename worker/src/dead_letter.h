@@ -3,6 +3,7 @@
 #define TALLY_DEAD_LETTER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <librdkafka/rdkafka.h>
 
@@ -20,7 +21,12 @@ void dead_letter_destroy(dead_letter_t *dl);
 
 /* Queues `rkm` (key, value, timestamp kept; value cut to max_bytes with
  * header tally.error.truncated) for `dlq_topic` with the contract's
- * tally.error.* headers. 0, or -1 with errstr if it could not be queued. */
+ * tally.error.* headers. Returns 0 when queued; 1 when this process
+ * queued a dead letter for the same source (partition, offset) already,
+ * which is then not sent again (a batch consumed again after a rewind);
+ * -1 with errstr if it could not be queued. Either way, a
+ * dead_letter_flush() before the offset is committed tells whether it
+ * was acknowledged. After a crash, a dead letter may be sent twice. */
 int dead_letter_send(dead_letter_t *dl, const rd_kafka_message_t *rkm,
                      const char *dlq_topic, const char *reason,
                      const char *message, size_t max_bytes, char *errstr,
@@ -32,6 +38,12 @@ int dead_letter_send(dead_letter_t *dl, const rd_kafka_message_t *rkm,
  * failure count is reset. */
 int dead_letter_flush(dead_letter_t *dl, int timeout_ms, char *errstr,
                       size_t errstr_size);
+
+/* Forgets the sources of `partition` below offset `below` (committed, or
+ * the partition is gone: INT64_MAX): they will not be consumed again by
+ * this process, or if they are, by another owner. */
+void dead_letter_forget(dead_letter_t *dl, int32_t partition,
+                        int64_t below);
 
 /* Dead letters acknowledged so far. */
 unsigned long dead_letter_acked(const dead_letter_t *dl);

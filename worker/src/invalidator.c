@@ -12,6 +12,7 @@
 
 #include "cache_key.h"
 #include "invalidation.h"
+#include "fault.h"
 #include "kafka.h"
 #include "log.h"
 #include "metrics.h"
@@ -241,6 +242,7 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
             iv->jobs[i].deleted = 0;
             iv->jobs[i].prefix_matches = 0;
         }
+        fault_point("before-redis-apply"); /* read, not applied */
         if (cache_apply(iv->conf->cache, iv->jobs, iv->n_items,
                         iv->conf->channel, iv->conf->scan_count, err,
                         sizeof(err)) == -1) {
@@ -256,10 +258,13 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
     metric_set(iv->redis_up, 1);
 
     l = rd_kafka_topic_partition_list_new(iv->n_parts + 1);
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        if (iv->parts[i].in_batch)
-            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)
-                ->offset = iv->parts[i].next;
+    for (int32_t i = 0; i < iv->n_parts; i++) {
+        if (!iv->parts[i].in_batch)
+            continue;
+        rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)->offset =
+            iv->parts[i].next;
+        dead_letter_forget(iv->conf->dlq, i, iv->parts[i].next);
+    }
     kerr = rd_kafka_commit(iv->rk, l, sync ? 0 : 1);
     if (kerr && kerr != RD_KAFKA_RESP_ERR__NO_OFFSET)
         log_warn("cache-invalidation: offset commit: %s (the batch may be "
@@ -319,15 +324,20 @@ static void invalidator_handle(invalidator_t *iv,
         log_warn("%s [%" PRId32 "] offset %" PRId64 ": rejected (%s): %s",
                  iv->conf->topic, rkm->partition, rkm->offset,
                  invalidation_reason_code(reason), err);
-        if (dead_letter_send(iv->conf->dlq, rkm, iv->conf->dlq_topic,
-                             invalidation_reason_code(reason), err,
-                             iv->conf->max_message_bytes, err,
-                             sizeof(err)) == -1) {
+        switch (dead_letter_send(iv->conf->dlq, rkm, iv->conf->dlq_topic,
+                                 invalidation_reason_code(reason), err,
+                                 iv->conf->max_message_bytes, err,
+                                 sizeof(err))) {
+        case -1:
             invalidator_fail(iv, err); /* rewinds: comes again */
             return;
+        case 0:
+            metric_add(iv->dead_letters[reason], 1);
+            break;
+        default:
+            break; /* sent before this rewind: not again */
         }
-        metric_add(iv->dead_letters[reason], 1);
-        iv->batch_dlq++;
+        iv->batch_dlq++; /* acknowledged before the offsets commit */
     } else {
         iv->n_items++;
     }
@@ -336,13 +346,13 @@ static void invalidator_handle(invalidator_t *iv,
 /* ---------------------------------------------------------------- */
 /* Rebalances                                                         */
 
-static void inv_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
+                             rd_kafka_resp_err_t err,
                              rd_kafka_topic_partition_list_t *parts,
-                             void *opaque)
+                             bool lost)
 {
-    invalidator_t *iv = opaque;
+    invalidator_t *iv = arg;
     rd_kafka_error_t *error;
-    bool lost = rd_kafka_assignment_lost(rk);
     int64_t n = 0;
 
     log_info("rebalance (%s): %s %d partitions%s", iv->conf->topic,
@@ -371,6 +381,8 @@ static void inv_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             inv_part_t *p = inv_part(iv, parts->elems[i].partition);
             p->assigned = false;
             p->in_batch = false;
+            dead_letter_forget(iv->conf->dlq, parts->elems[i].partition,
+                               INT64_MAX);
         }
         error = rd_kafka_incremental_unassign(rk, parts);
     }
@@ -386,6 +398,12 @@ static void inv_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 /* ---------------------------------------------------------------- */
 /* The loop                                                           */
 
+const char *const invalidator_kafka_defaults[] = {
+    "client.id", "tally-invalidator",
+    "queued.max.messages.kbytes", "2048",
+    NULL,
+};
+
 int invalidator_run(const invalidator_conf_t *conf, char *errstr,
                     size_t errstr_size)
 {
@@ -398,21 +416,11 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
     invalidator_metrics_init(&iv);
     iv.items = calloc(conf->batch_size, sizeof(*iv.items));
     iv.jobs = calloc(conf->batch_size, sizeof(*iv.jobs));
-    if (!iv.items || !iv.jobs) {
-        snprintf(errstr, errstr_size, "out of memory");
-        goto out;
-    }
-    {
-        /* Without a committed offset, start as --start-from says. */
-        const char *defaults[] = {"client.id", "tally-invalidator",
-                                  "auto.offset.reset", conf->start_from,
-                                  "queued.max.messages.kbytes", "2048",
-                                  NULL};
-        iv.rk = kafka_consumer_new(conf->cfg, conf->brokers, conf->group,
-                                   conf->topic, defaults, inv_rebalance_cb,
-                                   &iv, errstr, errstr_size);
-    }
-    if (!iv.rk)
+    if (!iv.items || !iv.jobs)
+        abort(); /* out of memory at start */
+    iv.rk = kafka_consumer_rk(conf->kc);
+    if (kafka_consumer_subscribe(conf->kc, conf->topic, inv_rebalance_cb,
+                                 &iv, errstr, errstr_size) == -1)
         goto out;
     log_info("consuming %s as group %s (Redis keys under %s:, notices on "
              "%s; dead letters to %s)",
@@ -459,16 +467,17 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
     log_info("cache-invalidation: stopping");
     if (!iv.fatal)
         invalidator_apply(&iv, true);
-    rd_kafka_consumer_close(iv.rk);
+    kafka_consumer_close(conf->kc); /* the last revocation comes here */
+    iv.rk = NULL;
     if (iv.fatal) {
         snprintf(errstr, errstr_size, "%s", iv.fatal_error);
         goto out;
     }
     rc = 0;
 out:
-    invalidator_clear(&iv);
     if (iv.rk)
-        rd_kafka_destroy(iv.rk);
+        kafka_consumer_close(conf->kc);
+    invalidator_clear(&iv);
     free(iv.items);
     free(iv.jobs);
     free(iv.parts);

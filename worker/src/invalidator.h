@@ -8,10 +8,10 @@
 #include "cache.h"
 #include "config.h"
 #include "dead_letter.h"
+#include "kafka.h"
 
 typedef struct {
-    const config_t *cfg; /* for -X pass-through */
-    const char *brokers;
+    kafka_consumer_t *kc; /* created, not subscribed; closed by the run */
     const char *group;
     const char *topic;
     const char *dlq_topic;
@@ -26,6 +26,10 @@ typedef struct {
     dead_letter_t *dlq;    /* borrowed */
     volatile sig_atomic_t *stop;
 } invalidator_conf_t;
+
+/* librdkafka settings of the invalidation consumer that -X may override,
+ * for kafka_consumer_new(); "auto.offset.reset" comes from --start-from. */
+extern const char *const invalidator_kafka_defaults[];
 
 /* Consumes `topic` until *stop: each batch of invalidations is applied to
  * Redis, then the notices are published, then the offsets are committed

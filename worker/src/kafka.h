@@ -1,26 +1,87 @@
-/* Kafka group consumers as both pipelines need them. */
+/* Kafka group consumers as both pipelines need them, and the workarounds
+ * for librdkafka 2.0.2 (Debian's) that they rely on. */
 #ifndef TALLY_KAFKA_H
 #define TALLY_KAFKA_H
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <librdkafka/rdkafka.h>
 
 #include "config.h"
 
+/* Called from the consumer's poll for every rebalance (cooperative:
+ * incremental). The callee must call rd_kafka_incremental_assign() or
+ * _unassign() on `parts`. `lost`: the partitions were lost (session
+ * timeout, fencing by the coordinator), not revoked cleanly. */
+typedef void (*kafka_rebalance_fn)(void *arg, rd_kafka_t *rk,
+                                   rd_kafka_resp_err_t err,
+                                   rd_kafka_topic_partition_list_t *parts,
+                                   bool lost);
+
+typedef struct kafka_consumer kafka_consumer_t;
+
+/* Refuses the -X properties that would break what tally guarantees
+ * (automatic commits or offset stores, another assignor, another group,
+ * read_uncommitted, a reset policy that skips data, transactions, ...).
+ * Returns 0, or -1 with errstr naming the property and why: a
+ * configuration error (exit 2). Called once at start. */
+int kafka_check_x(const config_t *cfg, char *errstr, size_t errstr_size);
+
+/* Routes librdkafka's own log lines and errors through log.c, so that
+ * every line on stderr has one format. For every client tally creates. */
+void kafka_conf_logging(rd_kafka_conf_t *conf, const char *who);
+
 /* A consumer in `group` on `brokers` with what tally relies on fixed
  * (cooperative-sticky assignment, no automatic commits or offset stores),
  * `defaults` (NULL-terminated key, value pairs, e.g. client.id) applied
- * unless a -X overrides them, then every -X of cfg. The rebalance callback
- * gets `opaque`. Subscribed to `topic`. NULL with errstr on a bad
- * setting. */
-rd_kafka_t *kafka_consumer_new(const config_t *cfg, const char *brokers,
-                               const char *group, const char *topic,
-                               const char *const *defaults,
-                               void (*rebalance_cb)(
-                                   rd_kafka_t *, rd_kafka_resp_err_t,
-                                   rd_kafka_topic_partition_list_t *, void *),
-                               void *opaque, char *errstr,
-                               size_t errstr_size);
+ * unless a -X overrides them, then every -X of cfg; tally's fetch sizes
+ * are raised to a larger message.max.bytes the user asked for. Created
+ * but not subscribed, so that start-up can report every configuration
+ * error (NULL with errstr: exit 2) before any pipeline runs. */
+kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
+                                     const char *brokers, const char *group,
+                                     const char *const *defaults,
+                                     char *errstr, size_t errstr_size);
+
+/* The librdkafka handle, for polling, pausing, seeking and committing. */
+rd_kafka_t *kafka_consumer_rk(const kafka_consumer_t *kc);
+
+/* Subscribes to `topic`; rebalances go to `fn(arg, ...)`. 0, or -1 with
+ * errstr. */
+int kafka_consumer_subscribe(kafka_consumer_t *kc, const char *topic,
+                             kafka_rebalance_fn fn, void *arg,
+                             char *errstr, size_t errstr_size);
+
+/* Leaves the group (rd_kafka_consumer_close(), which calls the rebalance
+ * function for the last revocation) and destroys the handle. librdkafka
+ * 2.0.2 aborts in rd_kafka_destroy() when the cooperative-sticky assignor
+ * joined the group but never received an assignment (its issue #4312,
+ * fixed in 2.3.0): such a handle is closed but deliberately not
+ * destroyed (kept reachable until exit). NULL is a no-op. */
+void kafka_consumer_close(kafka_consumer_t *kc);
+
+/* Destroys a consumer that was never subscribed (start-up failed). */
+void kafka_consumer_free(kafka_consumer_t *kc);
+
+/* One message to read again by position. */
+typedef struct {
+    int32_t partition;
+    int64_t offset;
+} kafka_position_t;
+
+/* Reads the messages at `want` (sorted by partition, then offset) of
+ * `topic` again, with a consumer of its own outside any group, and calls
+ * fn(arg, i, rkm) for each (rkm valid during the call). For the rare
+ * paths that need a message's original bytes after its batch was built
+ * (a dead letter for an event Postgres refused). 0, or -1 with errstr if
+ * any could not be read within timeout_ms. */
+int kafka_fetch_each(const config_t *cfg, const char *brokers,
+                     const char *topic, const kafka_position_t *want,
+                     size_t n, int timeout_ms,
+                     int (*fn)(void *arg, size_t i,
+                               const rd_kafka_message_t *rkm),
+                     void *arg, char *errstr, size_t errstr_size);
 
 #endif

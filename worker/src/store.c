@@ -2,6 +2,7 @@
 #include "store.h"
 
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +10,7 @@
 
 #include <libpq-fe.h>
 
+#include "fault.h"
 #include "log.h"
 #include "migrations.h"
 
@@ -21,7 +23,32 @@ struct store {
     char *owner;
     PGconn *conn;
     bool session_ready; /* temp tables created on this connection */
+    char sqlstate[6];   /* of the last failed statement; "" if none */
 };
+
+/* Keeps the SQLSTATE of a failed result (none for a lost connection). */
+static void store_note_sqlstate(store_t *st, const PGresult *res)
+{
+    const char *state =
+        res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    snprintf(st->sqlstate, sizeof(st->sqlstate), "%s", state ? state : "");
+}
+
+/* True when the last failure was Postgres refusing the data itself
+ * (classes 22 data exception, 23 integrity constraint, 54 program limit,
+ * e.g. a sum past the bigint range), on a connection that still works:
+ * committing the same rows again would fail again. Anything else
+ * (connection lost, deadlock, timeout, shutdown) is worth a retry. */
+static bool store_data_error(const store_t *st)
+{
+    if (!st->conn || PQstatus(st->conn) != CONNECTION_OK)
+        return false;
+    if (!strcmp(st->sqlstate, "23505")) /* a race: retried as such */
+        return false;
+    return !strncmp(st->sqlstate, "22", 2) ||
+           !strncmp(st->sqlstate, "23", 2) ||
+           !strncmp(st->sqlstate, "54", 2);
+}
 
 /* ---------------------------------------------------------------- */
 /* Connection                                                         */
@@ -89,6 +116,7 @@ static int store_exec(store_t *st, const char *sql, char *errstr,
     if (s != PGRES_COMMAND_OK && s != PGRES_TUPLES_OK) {
         store_error(errstr, errstr_size, "postgres",
                     PQresultErrorMessage(res));
+        store_note_sqlstate(st, res);
         rc = -1;
     }
     PQclear(res);
@@ -110,6 +138,7 @@ static PGresult *store_query(store_t *st, const char *what, const char *sql,
     if (PQresultStatus(res) == want)
         return res;
     store_error(errstr, errstr_size, what, PQresultErrorMessage(res));
+    store_note_sqlstate(st, res);
     PQclear(res);
     return NULL;
 }
@@ -507,14 +536,12 @@ static int store_copy_put(store_t *st, const char *data, size_t len,
     return 0;
 }
 
-static int store_copy_end(store_t *st, bool ok, char *sqlstate,
-                          char *errstr, size_t errstr_size)
+static int store_copy_end(store_t *st, bool ok, char *errstr,
+                          size_t errstr_size)
 {
     PGresult *res;
     int rc = ok ? 0 : -1;
 
-    if (sqlstate)
-        sqlstate[0] = '\0';
     if (PQputCopyEnd(st->conn, ok ? NULL : "aborted") != 1 && rc == 0) {
         store_error(errstr, errstr_size, "postgres copy",
                     PQerrorMessage(st->conn));
@@ -522,11 +549,9 @@ static int store_copy_end(store_t *st, bool ok, char *sqlstate,
     }
     while ((res = PQgetResult(st->conn)) != NULL) {
         if (PQresultStatus(res) != PGRES_COMMAND_OK && rc == 0) {
-            const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
             store_error(errstr, errstr_size, "postgres copy",
                         PQresultErrorMessage(res));
-            if (sqlstate && state)
-                snprintf(sqlstate, 6, "%s", state);
+            store_note_sqlstate(st, res);
             rc = -1;
         }
         PQclear(res);
@@ -541,14 +566,26 @@ static int store_copy(store_t *st, const char *sql, const char *data,
     if (store_copy_begin(st, sql, errstr, errstr_size) == -1)
         return -1;
     ok = store_copy_put(st, data, len, errstr, errstr_size) == 0;
-    return store_copy_end(st, ok, NULL, errstr, errstr_size);
+    return store_copy_end(st, ok, errstr, errstr_size);
 }
 
-/* Copies the rows of the events not counted before, in contiguous runs. */
-static int store_copy_new_events(store_t *st, const batch_t *batch,
-                                 const char *sql, char *sqlstate,
-                                 char *errstr, size_t errstr_size)
+/* Which rows of a batch a COPY sends: the keys of the selected events,
+ * or the events-table rows of the selected events not counted before. */
+typedef enum { ROWS_KEYS, ROWS_NEW_EVENTS } rows_kind_t;
+
+static bool store_row_wanted(const batch_t *b, size_t seq, rows_kind_t kind)
 {
+    return batch_is_selected(b, seq) &&
+           (kind == ROWS_KEYS || !batch_is_counted_before(b, seq));
+}
+
+/* COPYs the wanted rows, in contiguous runs. */
+static int store_copy_rows(store_t *st, const batch_t *batch,
+                           rows_kind_t kind, const char *sql, char *errstr,
+                           size_t errstr_size)
+{
+    const char *(*row)(const batch_t *, size_t, size_t *) =
+        kind == ROWS_KEYS ? batch_key_row : batch_event_row;
     size_t n = batch_count(batch), seq = 0;
     bool ok = true;
 
@@ -557,18 +594,18 @@ static int store_copy_new_events(store_t *st, const batch_t *batch,
     while (ok && seq < n) {
         const char *run;
         size_t run_len, len;
-        if (batch_is_counted_before(batch, seq)) {
+        if (!store_row_wanted(batch, seq, kind)) {
             seq++;
             continue;
         }
-        run = batch_event_row(batch, seq++, &run_len);
-        while (seq < n && !batch_is_counted_before(batch, seq)) {
-            batch_event_row(batch, seq++, &len);
+        run = row(batch, seq++, &run_len);
+        while (seq < n && store_row_wanted(batch, seq, kind)) {
+            row(batch, seq++, &len);
             run_len += len;
         }
         ok = store_copy_put(st, run, run_len, errstr, errstr_size) == 0;
     }
-    return store_copy_end(st, ok, sqlstate, errstr, errstr_size);
+    return store_copy_end(st, ok, errstr, errstr_size);
 }
 
 #define SUMS_COLS                                                         \
@@ -766,14 +803,11 @@ static int store_dedupe(store_t *st, batch_t *batch,
                         store_batch_result_t *out, char *errstr,
                         size_t errstr_size)
 {
-    char *seqs = NULL, sqlstate[6];
-    const char *data;
-    size_t len;
+    char *seqs = NULL;
     int rc = -1;
 
-    data = batch_keys_copy(batch, &len);
-    if (store_copy(st, "COPY tally_stage FROM STDIN", data, len, errstr,
-                   errstr_size) == -1 ||
+    if (store_copy_rows(st, batch, ROWS_KEYS, "COPY tally_stage FROM STDIN",
+                        errstr, errstr_size) == -1 ||
         store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
@@ -781,19 +815,19 @@ static int store_dedupe(store_t *st, batch_t *batch,
     seqs = NULL;
     if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
         goto out;
-    if (store_copy_new_events(st, batch, copy_events_sql, sqlstate, errstr,
-                              errstr_size) == 0) {
+    if (store_copy_rows(st, batch, ROWS_NEW_EVENTS, copy_events_sql, errstr,
+                        errstr_size) == 0) {
         rc = 0;
         goto out;
     }
-    if (strcmp(sqlstate, "23505") != 0)
+    if (strcmp(st->sqlstate, "23505") != 0)
         goto out;
     log_info("dedupe: a key of this batch was committed by another worker "
              "meanwhile; inserting again, tolerating conflicts");
     if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_insert", errstr,
                    errstr_size) == -1 ||
-        store_copy_new_events(st, batch, copy_rows_stage_sql, NULL, errstr,
-                              errstr_size) == -1 ||
+        store_copy_rows(st, batch, ROWS_NEW_EVENTS, copy_rows_stage_sql,
+                        errstr, errstr_size) == -1 ||
         store_mark(st, batch, insert_racing_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
@@ -803,19 +837,95 @@ out:
     return rc;
 }
 
+/* The selected events of the batch into the dedupe store and the sums,
+ * inside the open transaction. 0, or -1 with errstr (and st->sqlstate). */
+static int store_apply_selected(store_t *st, batch_t *batch,
+                                store_batch_result_t *out, char *errstr,
+                                size_t errstr_size)
+{
+    const char *data;
+    size_t len, rows, events;
+
+    if (store_dedupe(st, batch, out, errstr, errstr_size) == -1)
+        return -1;
+    data = batch_aggregate_copy(batch, &len, &rows, &events);
+    out->counted = events;
+    out->buckets = rows;
+    if (rows == 0)
+        return 0;
+    if (store_copy(st, "COPY tally_agg FROM STDIN", data, len, errstr,
+                   errstr_size) == -1)
+        return -1;
+    return store_exec(st, upsert_sums_sql, errstr, errstr_size);
+}
+
+/* Finds the events of [lo, hi) that Postgres refuses, given what the
+ * probes before committed inside this transaction: the range is tried
+ * under a savepoint and kept if it goes in, else split in two, down to
+ * single events, which are rejected (batch_reject()) with the error.
+ * Adds to *n_rejected. Returns 0, or -1 with errstr on any failure that
+ * is not a data error (the caller rolls back and retries). */
+static int store_isolate(store_t *st, batch_t *batch, size_t lo, size_t hi,
+                         size_t *n_rejected, char *errstr,
+                         size_t errstr_size)
+{
+    store_batch_result_t scratch;
+    char why[512];
+    size_t n = 0, only = lo;
+
+    for (size_t i = lo; i < hi; i++) {
+        if (!batch_rejected(batch, i)) {
+            n++;
+            only = i;
+        }
+    }
+    if (n == 0)
+        return 0;
+    batch_select(batch, lo, hi);
+    batch_reset_marks(batch);
+    memset(&scratch, 0, sizeof(scratch));
+    if (store_exec(st,
+                   "SAVEPOINT tally_probe;"
+                   "DELETE FROM tally_stage; DELETE FROM tally_stage_rows;"
+                   "DELETE FROM tally_agg",
+                   errstr, errstr_size) == -1)
+        return -1;
+    if (store_apply_selected(st, batch, &scratch, why, sizeof(why)) == 0)
+        return store_exec(st, "RELEASE SAVEPOINT tally_probe", errstr,
+                          errstr_size);
+    if (!store_data_error(st)) {
+        snprintf(errstr, errstr_size, "%s", why);
+        return -1;
+    }
+    if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_probe", errstr,
+                   errstr_size) == -1)
+        return -1;
+    if (n == 1) {
+        batch_reject(batch, only, why);
+        (*n_rejected)++;
+        return 0;
+    }
+    if (store_isolate(st, batch, lo, lo + (hi - lo) / 2, n_rejected, errstr,
+                      errstr_size) == -1)
+        return -1;
+    return store_isolate(st, batch, lo + (hi - lo) / 2, hi, n_rejected,
+                         errstr, errstr_size);
+}
+
 store_status_t store_commit_batch(store_t *st, batch_t *batch,
                                   store_position_t *pos, size_t n,
                                   store_batch_result_t *out, char *errstr,
                                   size_t errstr_size)
 {
-    PGresult *res = NULL;
     store_status_t rc = STORE_RETRY;
-    const char *data;
-    size_t len, rows, events;
     struct timespec t0;
-    double ms_fence = 0, ms_insert = 0, ms_sums = 0, ms_commit;
+    double ms_fence = 0, ms_apply = 0, ms_commit;
+    size_t n_rejected = 0;
 
     memset(out, 0, sizeof(*out));
+    st->sqlstate[0] = '\0';
+    batch_reset_marks(batch);
+    batch_select(batch, 0, SIZE_MAX);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     if (store_prepare_session(st, errstr, errstr_size) == -1)
         return STORE_RETRY;
@@ -828,31 +938,45 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
         rc = STORE_RETRY;
     }
     ms_fence = elapsed_ms(&t0);
-    if (batch_count(batch) > 0) {
-        if (store_dedupe(st, batch, out, errstr, errstr_size) == -1)
+    if (batch_count(batch) > 0 &&
+        (store_exec(st, "SAVEPOINT tally_batch", errstr, errstr_size) ==
+             -1 ||
+         store_apply_selected(st, batch, out, errstr, errstr_size) == -1)) {
+        if (!store_data_error(st))
             goto out;
-        ms_insert = elapsed_ms(&t0);
-        data = batch_aggregate_copy(batch, &len, &rows, &events);
-        out->counted = events;
-        out->buckets = rows;
-        if (rows > 0) {
-            if (store_copy(st, "COPY tally_agg FROM STDIN", data, len,
-                           errstr, errstr_size) == -1)
-                goto out;
-            if (store_exec(st, upsert_sums_sql, errstr, errstr_size) == -1)
-                goto out;
+        /* Poison: find the events Postgres refuses; the caller
+         * dead-letters them and commits the rest. */
+        log_warn("postgres refused a batch of %zu events (%s): looking for "
+                 "the events it refuses",
+                 batch_count(batch), errstr);
+        if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_batch", errstr,
+                       errstr_size) == -1 ||
+            store_isolate(st, batch, 0, batch_count(batch), &n_rejected,
+                          errstr, errstr_size) == -1)
+            goto out;
+        batch_select(batch, 0, SIZE_MAX);
+        if (n_rejected > 0) {
+            snprintf(errstr, errstr_size,
+                     "postgres refused %zu events of the batch",
+                     n_rejected);
+            rc = STORE_REJECTED;
+        } else {
+            snprintf(errstr, errstr_size,
+                     "postgres refused the batch but each part alone went "
+                     "in; retrying it");
         }
+        goto out; /* nothing of this transaction is kept */
     }
-    ms_sums = elapsed_ms(&t0);
+    ms_apply = elapsed_ms(&t0);
+    fault_point("inside-txn");
     if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
         goto out;
     ms_commit = elapsed_ms(&t0);
-    log_debug("batch timings: fence %.1f ms, dedupe %.1f ms, sums %.1f ms "
+    log_debug("batch timings: fence %.1f ms, dedupe and sums %.1f ms "
               "(%zu rows), commit %.1f ms",
-              ms_fence, ms_insert, ms_sums, out->buckets, ms_commit);
+              ms_fence, ms_apply, out->buckets, ms_commit);
     rc = STORE_OK;
 out:
-    PQclear(res);
     if (rc != STORE_OK)
         store_recover(st);
     return rc;

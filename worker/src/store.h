@@ -32,6 +32,9 @@ typedef enum {
     STORE_OK = 0,
     STORE_RETRY = -1,  /* transient: connection, deadlock, ...; retry later */
     STORE_FENCED = -2, /* a partition was claimed by another member */
+    STORE_REJECTED = -3, /* Postgres refused some events for their data:
+                          * batch_rejected() says which and why; nothing
+                          * was committed */
 } store_status_t;
 
 /* Keeps the DSN (libpq conninfo or URI; "" for libpq defaults), the group
@@ -77,7 +80,12 @@ store_status_t store_init_position(store_t *st, const store_position_t *pos,
  * still be current, else STORE_FENCED with pos[i].fenced set, nothing
  * written), inserts the new events into the dedupe store, marks in
  * `batch` those counted before, upserts the daily and monthly sums of the
- * rest, and stores pos[i].next_offset. */
+ * rest, and stores pos[i].next_offset. Events rejected before (by
+ * batch_reject()) are left out. When Postgres refuses the data itself (a
+ * sum past the bigint range, a constraint), it finds the events it
+ * refuses, marks them rejected and returns STORE_REJECTED with nothing
+ * committed: the caller dead-letters them and calls again. Transient
+ * failures are STORE_RETRY. */
 store_status_t store_commit_batch(store_t *st, batch_t *batch,
                                   store_position_t *pos, size_t n,
                                   store_batch_result_t *res, char *errstr,

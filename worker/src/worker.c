@@ -1,11 +1,14 @@
 /* tally worker and tally migrate: configuration and start-up. */
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <pthread.h>
@@ -22,6 +25,13 @@
 
 static volatile sig_atomic_t stop_requested;
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void on_signal(int sig)
 {
     (void)sig;
@@ -33,7 +43,11 @@ static const opt_def_t worker_opts[] = {
     {"brokers", "TALLY_BROKERS", OPT_STR, "localhost:9092", 1, 0, NULL,
      "HOST:PORT,...", "Kafka bootstrap servers"},
     {"group", "TALLY_GROUP", OPT_STR, "tally", 1, 0, NULL, "NAME",
-     "consumer group id"},
+     "consumer group of the token-usage pipeline"},
+    {"invalidation-group", "TALLY_INVALIDATION_GROUP", OPT_STR, "", 0, 0,
+     NULL, "NAME",
+     "consumer group of the cache-invalidation pipeline (empty: "
+     "<group>.invalidation)"},
     {"pg-dsn", "TALLY_PG_DSN", OPT_STR, "", 0, 0, NULL, "DSN",
      "Postgres conninfo or URI (empty: libpq defaults, PG* variables)"},
     {"redis-url", "TALLY_REDIS_URL", OPT_STR, "redis://localhost:6379/0", 0,
@@ -78,6 +92,10 @@ static const opt_def_t worker_opts[] = {
      "delete counted events past the window this often (0: never)"},
     {"no-migrate", "TALLY_NO_MIGRATE", OPT_BOOL, "false", 0, 0, NULL, NULL,
      "do not apply pending migrations at start"},
+    {"shutdown-timeout", "TALLY_SHUTDOWN_TIMEOUT", OPT_INT, "30", 1, 3600,
+     NULL, "SECONDS",
+     "after SIGTERM, exit at the latest this long after it (what was not "
+     "committed is consumed again)"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
 };
@@ -145,9 +163,12 @@ int migrate_main(int argc, char **argv)
 typedef struct {
     config_t *cfg;
     const char *topic;
+    const char *group;
     char dlq_topic[300];
     dead_letter_t *dlq;
-    int rc; /* exit code contribution: 0 or 1 */
+    kafka_consumer_t *kc; /* handed to the pipeline, which closes it */
+    int rc;               /* exit code contribution: 0 or 1 */
+    atomic_bool done;     /* the thread has ended */
 } pipeline_t;
 
 static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
@@ -175,8 +196,10 @@ static void *usage_thread(void *arg)
     st = store_new(config_str(cfg, "pg-dsn"), config_str(cfg, "group"),
                    owner);
     pl->rc = start_store(st, !config_bool(cfg, "no-migrate"));
-    if (pl->rc != 0 || stop_requested)
+    if (pl->rc != 0 || stop_requested) {
+        kafka_consumer_free(pl->kc);
         goto out;
+    }
     if (store_read_dedupe_days(st, &stored_days, err, sizeof(err)) == 0 &&
         stored_days > 0 && stored_days != config_int(cfg, "dedupe-days"))
         log_warn("--dedupe-days is %lld but tally.settings says %d for "
@@ -184,9 +207,10 @@ static void *usage_thread(void *arg)
                  config_int(cfg, "dedupe-days"), stored_days);
 
     memset(&cc, 0, sizeof(cc));
+    cc.kc = pl->kc;
     cc.cfg = cfg;
     cc.brokers = config_str(cfg, "brokers");
-    cc.group = config_str(cfg, "group");
+    cc.group = pl->group;
     cc.topic = pl->topic;
     cc.dlq_topic = pl->dlq_topic;
     cc.start_from = config_str(cfg, "start-from");
@@ -207,6 +231,7 @@ out:
     store_free(st);
     if (pl->rc != 0)
         stop_requested = 1; /* take the other pipeline down too */
+    atomic_store(&pl->done, true);
     return NULL;
 }
 
@@ -222,14 +247,15 @@ static void *invalidation_thread(void *arg)
     cache = cache_new(config_str(cfg, "redis-url"), err, sizeof(err));
     if (!cache) {
         log_error("--redis-url: %s", err);
+        kafka_consumer_free(pl->kc);
         pl->rc = 2;
         stop_requested = 1;
+        atomic_store(&pl->done, true);
         return NULL;
     }
     memset(&ic, 0, sizeof(ic));
-    ic.cfg = cfg;
-    ic.brokers = config_str(cfg, "brokers");
-    ic.group = config_str(cfg, "group");
+    ic.kc = pl->kc;
+    ic.group = pl->group;
     ic.topic = pl->topic;
     ic.dlq_topic = pl->dlq_topic;
     ic.start_from = config_str(cfg, "start-from");
@@ -248,7 +274,59 @@ static void *invalidation_thread(void *arg)
         stop_requested = 1;
     }
     cache_free(cache);
+    atomic_store(&pl->done, true);
     return NULL;
+}
+
+/* The consumers of both pipelines, created here at start so that every
+ * configuration error librdkafka finds is exit 2 before anything runs.
+ * Each pipeline has its own group: librdkafka 2.0.2's cooperative-sticky
+ * assignor loops when the members of one group subscribe to different
+ * topics (its issue #4783), which one group for both topics would be. */
+static int create_consumers(config_t *cfg, pipeline_t pipes[2],
+                            char *invalidation_group, size_t size)
+{
+    const char *group = config_str(cfg, "group");
+    const char *ig = config_str(cfg, "invalidation-group");
+    const char *inv_defaults[16];
+    char err[512];
+    size_t n = 0;
+
+    if (ig[0])
+        snprintf(invalidation_group, size, "%s", ig);
+    else
+        snprintf(invalidation_group, size, "%s.invalidation", group);
+    if (pipes[0].topic[0] && pipes[1].topic[0] &&
+        !strcmp(invalidation_group, group)) {
+        fprintf(stderr,
+                "tally worker: %s: must differ from --group (%s): one "
+                "group for both topics makes librdkafka 2.0.2 loop in "
+                "rebalances (its issue #4783)\n",
+                config_origin(cfg, "invalidation-group"), group);
+        return 2;
+    }
+    pipes[0].group = group;
+    pipes[1].group = invalidation_group;
+    /* Without a committed offset the invalidations start as --start-from
+     * says (token-usage positions come from Postgres). */
+    for (size_t i = 0; invalidator_kafka_defaults[i]; i++)
+        inv_defaults[n++] = invalidator_kafka_defaults[i];
+    inv_defaults[n++] = "auto.offset.reset";
+    inv_defaults[n++] = config_str(cfg, "start-from");
+    inv_defaults[n] = NULL;
+    for (int i = 0; i < 2; i++) {
+        if (!pipes[i].topic[0])
+            continue;
+        pipes[i].kc = kafka_consumer_new(
+            cfg, config_str(cfg, "brokers"), pipes[i].group,
+            i == 0 ? consumer_kafka_defaults : inv_defaults, err,
+            sizeof(err));
+        if (!pipes[i].kc) {
+            fprintf(stderr, "tally worker: %s\n", err);
+            return 2;
+        }
+    }
+    return 0;
 }
 
 int worker_main(int argc, char **argv)
@@ -259,8 +337,9 @@ int worker_main(int argc, char **argv)
     bool started[2] = {false, false};
     void *(*runs[2])(void *) = {usage_thread, invalidation_thread};
     const char *dlq_flags[2] = {"usage-dlq-topic", "invalidation-dlq-topic"};
-    char err[512];
+    char err[512], invalidation_group[300];
     struct sigaction sa;
+    int64_t stop_seen_ms = 0;
     int rc = config_parse_command(
         &cfg, "worker",
         "Consume token-usage events, count each (tenant, idempotency key) "
@@ -278,10 +357,10 @@ int worker_main(int argc, char **argv)
     mallopt(M_ARENA_MAX, 2);
 #endif
 
-    /* Order matters: signals, metrics, the dead-letter producers, then
-     * one thread per pipeline. Each has its own connections, so that
-     * Redis down cannot stop counting and Postgres down cannot stop
-     * invalidations. */
+    /* Order matters: signals, configuration checks, metrics, the Kafka
+     * clients, then one thread per pipeline. Each has its own
+     * connections, so that Redis down cannot stop counting and Postgres
+     * down cannot stop invalidations. */
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
@@ -293,6 +372,11 @@ int worker_main(int argc, char **argv)
     if (!pipes[0].topic[0] && !pipes[1].topic[0]) {
         fprintf(stderr, "tally worker: nothing to consume: --usage-topic "
                         "and --invalidation-topic are both empty\n");
+        rc = 2;
+        goto out;
+    }
+    if (kafka_check_x(&cfg, err, sizeof(err)) == -1) {
+        fprintf(stderr, "tally worker: %s\n", err);
         rc = 2;
         goto out;
     }
@@ -318,6 +402,10 @@ int worker_main(int argc, char **argv)
             goto out;
         }
     }
+    rc = create_consumers(&cfg, pipes, invalidation_group,
+                          sizeof(invalidation_group));
+    if (rc != 0)
+        goto out;
     for (int i = 0; i < 2; i++) {
         if (!pipes[i].topic[0])
             continue;
@@ -326,7 +414,32 @@ int worker_main(int argc, char **argv)
             stop_requested = 1;
             break;
         }
-        started[i] = true;
+        started[i] = true; /* pipes[i].kc is the thread's now */
+    }
+    /* Wait for the pipelines; after a stop, at most --shutdown-timeout.
+     * Past it something is stuck (a library bug, a dependency that does
+     * not answer): everything committed is safe and everything else is
+     * consumed again, so exiting is as safe as a kill -9, and an
+     * orchestrator's SIGKILL would come next anyway. */
+    for (;;) {
+        bool running = false;
+        for (int i = 0; i < 2; i++)
+            running |= started[i] && !atomic_load(&pipes[i].done);
+        if (!running)
+            break;
+        if (stop_requested && !stop_seen_ms)
+            stop_seen_ms = mono_ms();
+        if (stop_seen_ms &&
+            mono_ms() - stop_seen_ms >
+                config_int(&cfg, "shutdown-timeout") * 1000) {
+            log_error("stop did not finish within --shutdown-timeout (%lld "
+                      "s); exiting now (nothing committed is lost, the rest "
+                      "is consumed again)",
+                      config_int(&cfg, "shutdown-timeout"));
+            fflush(stderr);
+            _exit(0);
+        }
+        usleep(50000);
     }
     rc = 0;
     for (int i = 0; i < 2; i++) {
@@ -339,8 +452,11 @@ int worker_main(int argc, char **argv)
     if (rc == 0)
         log_info("stopped cleanly");
 out:
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        if (!started[i])
+            kafka_consumer_free(pipes[i].kc);
         dead_letter_destroy(pipes[i].dlq);
+    }
     metrics_stop();
     config_free(&cfg);
     return rc;

@@ -1,0 +1,11 @@
+/* Test-only fault points: TALLY_TEST_FAULT=NAME[:N] kills the process. */
+#ifndef TALLY_FAULT_H
+#define TALLY_FAULT_H
+
+/* When the environment variable TALLY_TEST_FAULT names this point
+ * ("after-pg-commit", "inside-txn", "before-redis-apply"), its N-th pass
+ * (default 1) logs and raises SIGKILL: the crash tests use it to stop the
+ * worker at a precise step. Without the variable it costs one branch. */
+void fault_point(const char *name);
+
+#endif
