@@ -28,3 +28,4 @@ tally_worker_test(worker_invalidation)
 # The fault suite (tests/integration/test_fault_*.sh): each ends on exact
 # totals against what was produced.
 tally_worker_test(fault_poison)
+tally_worker_test(fault_rolling)
