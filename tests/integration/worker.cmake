@@ -29,3 +29,5 @@ tally_worker_test(worker_invalidation)
 # totals against what was produced.
 tally_worker_test(fault_poison)
 tally_worker_test(fault_rolling)
+tally_worker_test(fault_config)
+tally_worker_test(fault_crash_points)

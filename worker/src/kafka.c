@@ -88,6 +88,10 @@ static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac,
                     : level <= 5 ? LOG_LVL_WARN
                     : level <= 6 ? LOG_LVL_INFO
                                  : LOG_LVL_DEBUG;
+    /* -X goes to every client, so a consumer property given to the
+     * dead-letter producer (and the other way) is expected, not news. */
+    if (!strcmp(fac, "CONFWARN"))
+        l = LOG_LVL_DEBUG;
     log_msg(l, "kafka %s: %s: %s", rd_kafka_name(rk), fac, buf);
 }
 
