@@ -99,6 +99,7 @@ stack_start_broker() {
   rm -f "$dir/broker/bootstrap"
   "$TALLY" devbroker --partitions "$partitions" \
     --bootstrap-file "$dir/broker/bootstrap" \
+    --control "$dir/broker/control" \
     >"$dir/broker/out" 2>"$dir/broker/log" &
   echo $! > "$dir/broker/pid"
   for _ in $(seq 1 100); do

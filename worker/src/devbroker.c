@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <librdkafka/rdkafka.h>
@@ -28,6 +29,11 @@ static const opt_def_t devbroker_opts[] = {
     {"bootstrap-file", NULL, OPT_STR, NULL, 0, 0, NULL, "PATH",
      "also write the bootstrap address to PATH (atomically; removed at "
      "exit)"},
+    {"control", NULL, OPT_STR, "", 0, 0, NULL, "FIFO",
+     "create the named pipe FIFO and take fault commands from it, one a "
+     "line: 'down', 'up' (every broker), 'errors API COUNT ERROR' (the "
+     "next COUNT requests of API, e.g. Fetch, Heartbeat, OffsetCommit, "
+     "Produce, answer ERROR, e.g. NOT_COORDINATOR), 'clear API'"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
 };
@@ -205,6 +211,109 @@ out:
     return ret;
 }
 
+/* ---------------------------------------------------------------- */
+/* Fault injection for tests (--control)                              */
+
+static const struct {
+    const char *name;
+    int16_t key;
+} devbroker_apis[] = {
+    {"Produce", 0},       {"Fetch", 1},        {"ListOffsets", 2},
+    {"Metadata", 3},      {"OffsetCommit", 8}, {"OffsetFetch", 9},
+    {"FindCoordinator", 10}, {"JoinGroup", 11}, {"Heartbeat", 12},
+    {"LeaveGroup", 13},   {"SyncGroup", 14},   {"InitProducerId", 22},
+};
+
+static int devbroker_api(const char *name)
+{
+    for (size_t i = 0; i < sizeof(devbroker_apis) / sizeof(*devbroker_apis);
+         i++)
+        if (!strcmp(devbroker_apis[i].name, name))
+            return devbroker_apis[i].key;
+    return -1;
+}
+
+/* An error code by its name without the RD_KAFKA_RESP_ERR_ prefix. */
+static int devbroker_error(const char *name, rd_kafka_resp_err_t *err)
+{
+    const struct rd_kafka_err_desc *descs;
+    size_t n;
+
+    rd_kafka_get_err_descs(&descs, &n);
+    for (size_t i = 0; i < n; i++) {
+        if (descs[i].name && !strcmp(descs[i].name, name)) {
+            *err = descs[i].code;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static void devbroker_command(rd_kafka_mock_cluster_t *mc, int brokers,
+                              char *line)
+{
+    char *argv[4] = {NULL};
+    int argc = 0;
+    char *save = NULL;
+
+    for (char *tok = strtok_r(line, " \t", &save); tok && argc < 4;
+         tok = strtok_r(NULL, " \t", &save))
+        argv[argc++] = tok;
+    if (argc == 0)
+        return;
+    if (!strcmp(argv[0], "down") || !strcmp(argv[0], "up")) {
+        for (int b = 1; b <= brokers; b++) {
+            if (argv[0][0] == 'd')
+                rd_kafka_mock_broker_set_down(mc, b);
+            else
+                rd_kafka_mock_broker_set_up(mc, b);
+        }
+        log_info("control: every broker %s", argv[0]);
+    } else if (!strcmp(argv[0], "errors") && argc == 4) {
+        int api = devbroker_api(argv[1]);
+        long cnt = atol(argv[2]);
+        rd_kafka_resp_err_t err;
+        if (api < 0 || cnt <= 0 || cnt > 100000 ||
+            devbroker_error(argv[3], &err) == -1) {
+            log_warn("control: bad command 'errors %s %s %s'", argv[1],
+                     argv[2], argv[3]);
+            return;
+        }
+        for (long i = 0; i < cnt; i++)
+            rd_kafka_mock_push_request_errors(mc, (int16_t)api, 1, err);
+        log_info("control: the next %ld %s requests fail with %s", cnt,
+                 argv[1], argv[3]);
+    } else if (!strcmp(argv[0], "clear") && argc == 2 &&
+               devbroker_api(argv[1]) >= 0) {
+        rd_kafka_mock_clear_request_errors(
+            mc, (int16_t)devbroker_api(argv[1]));
+        log_info("control: %s errors cleared", argv[1]);
+    } else {
+        log_warn("control: unknown command '%s'", argv[0]);
+    }
+}
+
+/* Reads what is there on the control pipe and runs each complete line. */
+static void devbroker_control(int fd, char *buf, size_t size, size_t *len,
+                              rd_kafka_mock_cluster_t *mc, int brokers)
+{
+    ssize_t n;
+    char *nl;
+
+    while ((n = read(fd, buf + *len, size - 1 - *len)) > 0) {
+        *len += (size_t)n;
+        buf[*len] = '\0';
+        while ((nl = strchr(buf, '\n')) != NULL) {
+            *nl = '\0';
+            devbroker_command(mc, brokers, buf);
+            memmove(buf, nl + 1, *len - (size_t)(nl + 1 - buf) + 1);
+            *len -= (size_t)(nl + 1 - buf);
+        }
+        if (*len >= size - 1)
+            *len = 0; /* a line too long: dropped */
+    }
+}
+
 int devbroker_main(int argc, char **argv)
 {
     config_t cfg;
@@ -216,6 +325,10 @@ int devbroker_main(int argc, char **argv)
     rd_kafka_mock_cluster_t *mcluster = NULL;
     const char *bootstrap_file, *bootstraps;
     bool file_written = false;
+    const char *control;
+    int control_fd = -1, control_wfd = -1;
+    char control_buf[1024];
+    size_t control_len = 0;
     struct sigaction sa;
     int partitions, brokers, replication;
     int ret = 1;
@@ -291,15 +404,38 @@ int devbroker_main(int argc, char **argv)
     }
     log_info("mock cluster up: %d broker(s), bootstrap %s", brokers,
              bootstraps);
+    control = config_str(&cfg, "control");
+    if (control && control[0]) {
+        if (mkfifo(control, 0600) == -1 && errno != EEXIST) {
+            log_error("--control: %s: %s", control, strerror(errno));
+            goto out;
+        }
+        /* Our own write end keeps read() at EAGAIN, not EOF, between
+         * writers. */
+        control_fd = open(control, O_RDONLY | O_NONBLOCK);
+        control_wfd = control_fd == -1 ? -1 : open(control, O_WRONLY);
+        if (control_fd == -1 || control_wfd == -1) {
+            log_error("--control: %s: %s", control, strerror(errno));
+            goto out;
+        }
+    }
     printf("%s\n", bootstraps);
     fflush(stdout);
 
-    while (!devbroker_stop)
+    while (!devbroker_stop) {
         rd_kafka_poll(rk, 100);
+        if (control_fd != -1)
+            devbroker_control(control_fd, control_buf, sizeof(control_buf),
+                              &control_len, mcluster, brokers);
+    }
     log_info("signal received, shutting down");
     ret = 0;
 
 out:
+    if (control_fd != -1)
+        close(control_fd);
+    if (control_wfd != -1)
+        close(control_wfd);
     if (file_written && unlink(bootstrap_file) == -1 && errno != ENOENT)
         log_warn("cannot remove %s: %s", bootstrap_file, strerror(errno));
     if (mcluster)
