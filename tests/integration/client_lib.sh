@@ -5,7 +5,7 @@
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-CLIENT_DRIVE="$IT_ROOT/tests/integration/client_drive.py"
+CLIENT_DRIVE="$IT_ROOT/tests/python/client_drive.py"
 
 # Runs a mode of the driver, its log in $IT_DIR/drive.log: drive MODE ARGS...
 drive() {

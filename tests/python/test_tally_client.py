@@ -25,7 +25,9 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tally_client as tc  # noqa: E402
+from client_drive import closed_port  # noqa: E402
 
 EXAMPLES = os.path.join(ROOT, "schemas", "examples")
 # tests/unit/case_ctx.h: 2026-01-15T12:00:00Z, window 35 days
@@ -339,15 +341,6 @@ class Payloads(unittest.TestCase):
             "tenant_id": "t1", "data_type": "agent", "resource_id": "a1",
             "cascade": True, "invalidate_conversations": True,
             "event_id": eid})
-
-
-def closed_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Unreachable(unittest.TestCase):

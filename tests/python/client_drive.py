@@ -1,12 +1,12 @@
 """Drives scripts/tally_client.py for the client integration tests.
 
-    client_drive.py usage OUT           a few thousand calls with re-calls
+    client_drive.py usage OUT           a few thousand calls, re-calls
     client_drive.py unreachable OUT     call latency, broker unreachable
     client_drive.py fallback PHASE OUT  phases of test_client_fallback.sh
-    client_drive.py inv-seed OUT        keys to seed and the plan
-    client_drive.py inv-send OUT        the invalidations of the plan
-    client_drive.py inv-check OUT NOTICES KEYS   what Redis and the
-                                        notices must show
+    client_drive.py inv-seed OUT        keys to seed
+    client_drive.py inv-send OUT        the invalidations
+    client_drive.py inv-check OUT NOTICES KEYS
+                                        what Redis and the notices show
 
 The connection settings come from the environment (the stack's env file);
 each mode writes what the shell test compares under OUT.
@@ -24,7 +24,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+    os.path.abspath(__file__))))  # tests/python/ -> the repository
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import tally_client as tc  # noqa: E402
 
@@ -154,28 +154,22 @@ BAD_INVALIDATIONS = [
 def check_bad_calls(client):
     before = client.stats()["sent"]
     good = dict(tenant_id="t1", tokens=1, token_type="llm", operation="chat")
-    for field, change in BAD_CALLS:
+    bad = [(client.track, field, dict(good, **change))
+           for field, change in BAD_CALLS]
+    bad += [(client.invalidate, field, call)
+            for field, call in BAD_INVALIDATIONS]
+    for fn, field, call in bad:
         try:
-            client.track(**dict(good, **change))
+            fn(**call)
         except ValueError as e:
             if not str(e).startswith(field + ":"):
                 fail("bad call %r: ValueError %r does not name %s"
-                     % (change, str(e), field))
-        else:
-            fail("bad call %r did not raise ValueError" % (change,))
-    for field, call in BAD_INVALIDATIONS:
-        try:
-            client.invalidate(**call)
-        except ValueError as e:
-            if not str(e).startswith(field + ":"):
-                fail("bad invalidation %r: %r does not name %s"
                      % (call, str(e), field))
         else:
-            fail("bad invalidation %r did not raise" % (call,))
+            fail("bad call %r did not raise ValueError" % (call,))
     if client.stats()["sent"] != before:
         fail("a bad call was sent")
-    print("    %d bad calls raised ValueError naming the field"
-          % (len(BAD_CALLS) + len(BAD_INVALIDATIONS)))
+    print("    %d bad calls raised ValueError naming the field" % len(bad))
 
 
 def run_calls(client, calls, recalls, rng):
@@ -477,26 +471,18 @@ def mode_inv_check(out, notices_path, keys_path):
           % (len(seed), len(seed) - len(now)))
 
 
+MODES = {"usage": mode_usage, "unreachable": mode_unreachable,
+         "fallback": mode_fallback, "inv-seed": mode_inv_seed,
+         "inv-send": mode_inv_send, "inv-check": mode_inv_check}
+
+
 def main():
-    mode, args = sys.argv[1], sys.argv[2:]
-    logging_level = os.environ.get("CLIENT_LOG", "WARNING")
     import logging
-    logging.basicConfig(level=logging_level,
+    logging.basicConfig(level=os.environ.get("CLIENT_LOG", "WARNING"),
                         format="%(asctime)s %(levelname)s %(message)s")
-    if mode == "usage":
-        mode_usage(*args)
-    elif mode == "unreachable":
-        mode_unreachable(*args)
-    elif mode == "fallback":
-        mode_fallback(*args)
-    elif mode == "inv-seed":
-        mode_inv_seed(*args)
-    elif mode == "inv-send":
-        mode_inv_send(*args)
-    elif mode == "inv-check":
-        mode_inv_check(*args)
-    else:
-        fail("unknown mode " + mode)
+    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
+        fail("usage: client_drive.py %s ARGS..." % "|".join(MODES))
+    MODES[sys.argv[1]](*sys.argv[2:])
 
 
 if __name__ == "__main__":
