@@ -261,8 +261,6 @@ def _check_occurred_at(value, now_us, dedupe_days):
             _fail(field, "a datetime needs a tzinfo (e.g. timezone.utc)")
         utc = value.astimezone(datetime.timezone.utc)
         text = utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        if utc.year < 1000:
-            text = "%04d" % utc.year + text[len(str(utc.year)):]
     elif isinstance(value, str):
         text = value
     else:
@@ -642,9 +640,11 @@ class Client:
                          operations=self.operations,
                          dedupe_days=self.dedupe_days, **kw)
         key = ev["idempotency_key"]
-        if key is None:
+        if key is None:  # a new event: its own key, now
             key = ev["idempotency_key"] = "py:" + uuid.uuid4().hex
-        if ev["occurred_at"] is None:
+            if ev["occurred_at"] is None:
+                ev["occurred_at"] = _format_us(_now_us())
+        elif ev["occurred_at"] is None:
             ev["occurred_at"] = self._occurred_at(ev["tenant_id"], key)
         if "metadata" in ev:
             ev.move_to_end("metadata")

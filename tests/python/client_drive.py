@@ -87,6 +87,29 @@ def make_calls(rng, n, tenants, prefix, explicit_rate):
     return calls
 
 
+class Recording(tc.Client):
+    """The client, noting the occurred_at it fixed for each event (the
+    day the worker must bucket it in)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.stamped = {}
+
+    def _send(self, pending, topic):
+        if pending.kind == "usage":
+            ev = pending.event
+            self.stamped[(ev["tenant_id"], ev["idempotency_key"])] = \
+                ev["occurred_at"]
+        super()._send(pending, topic)
+
+
+def use_recording(**kw):
+    """Makes a Recording client the module's default one."""
+    tc.shutdown()
+    tc._default = Recording(**kw)
+    return tc._default
+
+
 def day_of(occurred_at):
     """The UTC day of an occurred_at as given or stamped."""
     if isinstance(occurred_at, datetime.datetime):
@@ -103,7 +126,7 @@ def expect_rows(calls, client, keys):
     for c, key in zip(calls, keys):
         at = c.get("occurred_at")
         if at is None:
-            at = client._memo[(c["tenant_id"], key)]  # what it stamped
+            at = client.stamped[(c["tenant_id"], key)]
         b = (c["tenant_id"], day_of(at), c["token_type"], c["operation"],
              c.get("model", ""), c.get("agent_id", ""))
         s = sums[b]
@@ -219,7 +242,7 @@ def run_calls(client, calls, recalls, rng):
 
 def mode_usage(out):
     rng = random.Random(8)
-    client = tc.configure(spool=os.path.join(out, "usage.spool"))
+    client = use_recording(spool=os.path.join(out, "usage.spool"))
     calls = make_calls(rng, 3000, 40, "cu", 0.35)
     keyed = [i for i, c in enumerate(calls) if "idempotency_key" in c]
     recalls = [rng.choice(keyed) for _ in range(900)]
@@ -293,11 +316,11 @@ def mode_fallback(phase, out):
     rng = random.Random(phase)
     if phase in ("a", "b"):
         # The broker unreachable (nothing listens at its address).
-        client = tc.configure(brokers="127.0.0.1:%d" % closed_port(),
+        client = use_recording(brokers="127.0.0.1:%d" % closed_port(),
                               spool=spool, message_timeout_ms=1500,
                               pg_retry_s=1.0)
     else:
-        client = tc.configure(spool=spool)
+        client = use_recording(spool=spool)
     calls = plan["a"] if phase in ("a", "resend") else plan["b"]
     recalls = plan["a_recalls"] if phase == "a" else []
     keys = run_calls(client, calls, recalls, rng)
