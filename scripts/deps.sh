@@ -8,7 +8,8 @@ PACKAGES=(
   librdkafka-dev libjansson-dev libhiredis-dev libpq-dev libmicrohttpd-dev
   libcmocka-dev
   postgresql redis-server kcat procps iproute2 curl bc
-  python3 python3-jsonschema python3-confluent-kafka docker-compose
+  python3 python3-jsonschema python3-confluent-kafka python3-psycopg2
+  docker-compose
 )
 
 missing=()

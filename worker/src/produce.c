@@ -14,6 +14,7 @@
 #include "commands.h"
 #include "config.h"
 #include "log.h"
+#include "invalidation.h"
 #include "usage_event.h"
 
 #define PRODUCE_PROGRESS_SEC 2.0
@@ -28,7 +29,15 @@ static const opt_def_t produce_opts[] = {
     {"file", NULL, OPT_STR, NULL, 0, 0, NULL, "PATH",
      "read lines from PATH instead of stdin ('-': stdin)"},
     {"validate", NULL, OPT_BOOL, "false", 0, 0, NULL, NULL,
-     "check lines as token-usage events; report invalid ones, skip them"},
+     "check lines against the contract for the --kind of event the topic "
+     "carries; report invalid ones, skip them"},
+    {"kind", NULL, OPT_CHOICE, "auto", 0, 0, "auto|usage|invalidation",
+     "KIND",
+     "--validate: the lines' kind of event; auto: invalidation when "
+     "--topic is --invalidation-topic, usage otherwise"},
+    {"invalidation-topic", "TALLY_INVALIDATION_TOPIC", OPT_STR,
+     "cache-invalidation", 0, 0, NULL, "TOPIC",
+     "--kind auto: the topic that carries cache invalidations"},
     {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL, "N",
      "--validate: oldest accepted occurred_at, in days before now"},
     {"max-message-bytes", "TALLY_MAX_MESSAGE_BYTES", OPT_INT, "1048576", 1,
@@ -529,6 +538,8 @@ int produce_main(int argc, char **argv)
     usage_enum_t token_types, operations;
     usage_parse_ctx_t ctx;
     usage_event_t ev;
+    invalidation_t inv;
+    bool invalidations = false; /* --validate as cache invalidations */
     struct sigaction sa;
     const char *path;
     int ret = 1;
@@ -557,6 +568,11 @@ int produce_main(int argc, char **argv)
     }
 
     memset(&ctx, 0, sizeof(ctx));
+    if (!strcmp(config_str(&cfg, "kind"), "invalidation") ||
+        (!strcmp(config_str(&cfg, "kind"), "auto") &&
+         !strcmp(config_str(&cfg, "topic"),
+                 config_str(&cfg, "invalidation-topic"))))
+        invalidations = true;
     if (validate) {
         usage_enums_default(&token_types, &operations);
         ctx.token_types = &token_types;
@@ -607,18 +623,30 @@ int produce_main(int argc, char **argv)
             continue;
 
         if (validate) {
-            usage_reason_t reason;
-            ctx.now_us = produce_now_us();
-            reason = usage_event_parse(line, len, &ctx, &ev, errstr,
-                                       sizeof(errstr));
-            if (reason != USAGE_OK) {
+            const char *bad = NULL; /* reason code of a rejected line */
+            if (invalidations) {
+                invalidation_reason_t r = invalidation_parse(
+                    line, len, ctx.max_message_bytes, &inv, errstr,
+                    sizeof(errstr));
+                if (r != INVALIDATION_OK)
+                    bad = invalidation_reason_code(r);
+                key = inv.tenant_id;
+            } else {
+                usage_reason_t r;
+                ctx.now_us = produce_now_us();
+                r = usage_event_parse(line, len, &ctx, &ev, errstr,
+                                      sizeof(errstr));
+                if (r != USAGE_OK)
+                    bad = usage_reason_code(r);
+                key = ev.tenant_id;
+            }
+            if (bad) {
                 fprintf(stderr, "line %" PRIu64 ": %s: %s\n", stats.lines,
-                        usage_reason_code(reason), errstr);
+                        bad, errstr);
                 stats.invalid++;
                 continue;
             }
-            key = ev.tenant_id;
-            key_len = strlen(ev.tenant_id);
+            key_len = strlen(key);
         } else if (!produce_extract_key(line, len, &root, &key, &key_len)) {
             key = NULL;
         }

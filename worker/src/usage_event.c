@@ -121,6 +121,7 @@ typedef struct {
     json_t *members[F__COUNT]; /* NULL: absent or null */
     const usage_parse_ctx_t *ctx;
     usage_event_t *ev;
+    bool occurred_at_sent; /* the message carried occurred_at */
 } parser_t;
 
 /* An integer in [0, 10^12]; absent -> 0, or missing_field when required.
@@ -203,6 +204,7 @@ static bool get_occurred_at(parser_t *p)
     if (!json_rules_get_string(&p->doc, F_OCCURRED_AT, false, &s, &len))
         return false;
     const char *what = "occurred_at";
+    p->occurred_at_sent = s != NULL;
     if (s) {
         if (rfc3339_parse(s, len, &at) != 0) {
             char text[JSON_RULES_ECHO_MAX + 4];
@@ -307,10 +309,13 @@ static uint64_t fnv_str(uint64_t h, const char *s)
     return fnv_field(h, s, strlen(s));
 }
 
-/* FNV-1a 64 over a fixed-order encoding of everything but the key. Not a
- * defence against forged collisions: it tells a redelivery from a producer
- * that reused a key for another payload. */
-static uint64_t payload_hash(const usage_event_t *ev)
+/* FNV-1a 64 over a fixed-order encoding of what the producer sent, but
+ * the key. Not a defence against forged collisions: it tells a
+ * redelivery from a producer that reused a key for another payload. A
+ * stand-in for an absent occurred_at (the Kafka timestamp, the clock) is
+ * left out, so a message re-sent unchanged is a duplicate, never a
+ * conflict (CONTRACT.md, counting rule). */
+static uint64_t payload_hash(const usage_event_t *ev, bool occurred_at_sent)
 {
     uint64_t h = FNV_OFFSET;
     h = fnv_str(h, ev->tenant_id);
@@ -326,7 +331,9 @@ static uint64_t payload_hash(const usage_event_t *ev)
     h = fnv_str(h, ev->conversation_id);
     h = fnv_str(h, ev->collection_id);
     h = fnv_str(h, ev->owner_tenant_id);
-    h = fnv_u64(h, (uint64_t)ev->occurred_at_us);
+    h = fnv_u64(h, occurred_at_sent);
+    if (occurred_at_sent)
+        h = fnv_u64(h, (uint64_t)ev->occurred_at_us);
     h = fnv_u64(h, ev->metadata != NULL);
     h = fnv_field(h, ev->metadata ? ev->metadata : "", ev->metadata_len);
     return h;
@@ -378,7 +385,7 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
         !get_occurred_at(&p) || !get_metadata(&p, buf))
         goto out;
 
-    ev->payload_hash = payload_hash(ev);
+    ev->payload_hash = payload_hash(ev, p.occurred_at_sent);
 out:
     json_rules_free(doc);
     return (usage_reason_t)doc->reason;

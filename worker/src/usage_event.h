@@ -87,9 +87,10 @@ typedef struct {
     int64_t occurred_at_us; /* µs since the epoch, UTC */
     const char *metadata;
     size_t metadata_len;
-    /* 64-bit fingerprint of everything counted or stored (all fields
-     * above but the key, occurred_at included, metadata bytes included):
-     * two deliveries with one key and different payloads differ here. */
+    /* 64-bit fingerprint of what the producer sent (all fields above
+     * but the key, metadata bytes included, occurred_at only when the
+     * message carried it: a stand-in is not part of it): two deliveries
+     * with one key and different payloads differ here. */
     uint64_t payload_hash;
 } usage_event_t;
 
