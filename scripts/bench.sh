@@ -119,8 +119,8 @@ cat <<OUT
    throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
    worker peak RSS     $((rss_peak / 1024)) MiB
    batches             $(metric tally_usage_batches_total)
-   worker time: parse $(echo "scale=1; $(metric tally_usage_parse_nanoseconds_total) / 1000000000" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_nanoseconds_total) / 1000000000" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_nanoseconds_total) / 1000000000" | bc) s
-   postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_micros_total) / 1000000" | bc) s in the committer thread
+   worker time: parse $(echo "scale=1; $(metric tally_usage_parse_seconds_total) / 1" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_seconds_total) / 1" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_seconds_total) / 1" | bc) s
+   postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_total) / 1" | bc) s in the committer thread
    CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu
    sums                $exact
 OUT

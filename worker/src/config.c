@@ -234,6 +234,7 @@ int config_parse_command(config_t *cfg, const char *command,
 {
     char err[512];
     log_level_t level;
+    log_format_t format;
 
     switch (config_parse(cfg, command, summary, defs, n_defs, argc, argv, 0,
                          err, sizeof(err))) {
@@ -248,6 +249,9 @@ int config_parse_command(config_t *cfg, const char *command,
     if (config_find(cfg, "log-level", 9) >= 0 &&
         log_level_parse(config_str(cfg, "log-level"), &level) == 0)
         log_set_level(level);
+    if (config_find(cfg, "log-format", 10) >= 0 &&
+        log_format_parse(config_str(cfg, "log-format"), &format) == 0)
+        log_set_format(format);
     return -1;
 }
 

@@ -70,7 +70,8 @@ config_result_t config_parse(config_t *cfg, const char *command,
                              int max_args, char *errstr, size_t errstr_size);
 
 /* config_parse() for a command's main: prints a usage error as
- * "tally CMD: message", applies --log-level when the table has it, and
+ * "tally CMD: message", applies --log-level and --log-format when the
+ * table has them, and
  * returns -1 to go on, or the exit code (0 after --help, 2 on a usage
  * error). */
 int config_parse_command(config_t *cfg, const char *command,

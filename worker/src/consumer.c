@@ -154,18 +154,19 @@ static void consumer_metrics_init(consumer_metrics_t *m)
                              "1 when the Postgres connection works");
     m->assigned = metrics_gauge("tally_usage_partitions_assigned", NULL,
                                 "token-usage partitions assigned");
-    m->commit_us = metrics_counter(
-        "tally_usage_commit_seconds_micros_total", NULL,
-        "time spent committing batches to Postgres, in microseconds");
-    m->parse_ns = metrics_counter(
-        "tally_usage_parse_nanoseconds_total", NULL,
-        "time spent parsing and validating messages");
-    m->poll_ns = metrics_counter(
-        "tally_usage_poll_nanoseconds_total", NULL,
-        "time spent in the Kafka consumer poll (waiting for messages)");
-    m->commit_wait_ns = metrics_counter(
-        "tally_usage_commit_wait_nanoseconds_total", NULL,
-        "time the consumer waited for the previous batch's commit");
+    /* Added in micro- and nanoseconds, rendered in seconds. */
+    m->commit_us = metrics_counter_scaled(
+        "tally_usage_commit_seconds_total", NULL,
+        "time spent committing batches to Postgres", 6);
+    m->parse_ns = metrics_counter_scaled(
+        "tally_usage_parse_seconds_total", NULL,
+        "time spent parsing and validating messages", 9);
+    m->poll_ns = metrics_counter_scaled(
+        "tally_usage_poll_seconds_total", NULL,
+        "time spent in the Kafka consumer poll (waiting for messages)", 9);
+    m->commit_wait_ns = metrics_counter_scaled(
+        "tally_usage_commit_wait_seconds_total", NULL,
+        "time the consumer waited for the previous batch's commit", 9);
     m->skipped = metrics_counter(
         "tally_usage_messages_skipped_total", NULL,
         "messages of paused partitions, fetched again later");

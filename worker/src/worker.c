@@ -98,6 +98,8 @@ static const opt_def_t worker_opts[] = {
      "committed is consumed again)"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
+    {"log-format", "TALLY_LOG_FORMAT", OPT_CHOICE, "text", 0, 0, "text|json",
+     "FORMAT", "log lines as text, or one JSON object per line"},
 };
 
 static const opt_def_t migrate_opts[] = {
@@ -105,6 +107,8 @@ static const opt_def_t migrate_opts[] = {
      "Postgres conninfo or URI (empty: libpq defaults, PG* variables)"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
+    {"log-format", "TALLY_LOG_FORMAT", OPT_CHOICE, "text", 0, 0, "text|json",
+     "FORMAT", "log lines as text, or one JSON object per line"},
 };
 
 #define N_OPTS(a) (sizeof(a) / sizeof(*(a)))
