@@ -9,7 +9,7 @@ PACKAGES=(
   libcmocka-dev
   postgresql redis-server kcat procps iproute2 curl bc
   python3 python3-jsonschema python3-confluent-kafka python3-psycopg2
-  docker-compose
+  docker-compose prometheus
 )
 
 missing=()

@@ -674,11 +674,13 @@ static struct MHD_Daemon *metrics_listen(const struct sockaddr_storage *ss)
     } else {
         port = ntohs(((const struct sockaddr_in *)ss)->sin_port);
     }
+    /* The logger first: MHD warns about options before it otherwise. */
     return MHD_start_daemon(
-        flags, port, NULL, NULL, metrics_answer, NULL, MHD_OPTION_SOCK_ADDR,
-        (const struct sockaddr *)ss, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
-        MHD_OPTION_CONNECTION_LIMIT, 64u, MHD_OPTION_EXTERNAL_LOGGER,
-        metrics_mhd_log, NULL, MHD_OPTION_END);
+        flags, port, NULL, NULL, metrics_answer, NULL,
+        MHD_OPTION_EXTERNAL_LOGGER, metrics_mhd_log, NULL,
+        MHD_OPTION_SOCK_ADDR, (const struct sockaddr *)ss,
+        MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, 64u,
+        MHD_OPTION_END);
 }
 
 int metrics_start(const char *addr, const char *origin, char *errstr,

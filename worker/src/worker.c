@@ -53,7 +53,9 @@ static const opt_def_t worker_opts[] = {
     {"redis-url", "TALLY_REDIS_URL", OPT_STR, "redis://localhost:6379/0", 0,
      0, NULL, "URL", "Redis for cache invalidation"},
     {"metrics-addr", "TALLY_METRICS_ADDR", OPT_STR, "127.0.0.1:9464", 0, 0,
-     NULL, "HOST:PORT", "Prometheus /metrics listener (empty: off)"},
+     NULL, "HOST:PORT",
+     "/metrics, /healthz, /readyz listener: IPV4:PORT, [IPV6]:PORT or "
+     ":PORT (every interface) (empty: off)"},
     {"usage-topic", "TALLY_USAGE_TOPIC", OPT_STR, "token-usage", 0, 0, NULL,
      "TOPIC", "token-usage topic (empty: not consumed)"},
     {"invalidation-topic", "TALLY_INVALIDATION_TOPIC", OPT_STR,
