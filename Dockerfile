@@ -10,10 +10,11 @@ COPY . .
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=OFF \
     && cmake --build build -j"$(nproc)" --target tally
 
+# curl: the compose healthcheck asks /readyz.
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
       librdkafka1 libjansson4 libhiredis0.14 libpq5 libmicrohttpd12 \
-      ca-certificates \
+      ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --no-create-home tally
 COPY --from=build /src/build/worker/tally /usr/local/bin/tally
