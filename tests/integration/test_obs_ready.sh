@@ -81,8 +81,19 @@ done
 sum=$(awk '$1 == "tally_usage_batch_messages_sum" { print $2 }' "$IT_DIR/metrics.txt")
 [ "$sum" = 300 ] || fail "tally_usage_batch_messages_sum is $sum, not 300"
 
+# Traffic during each outage, so that a pipeline that only notices a
+# dependency when it uses it notices too (a periodic check needs none).
+usage_during() { # usage_during NAME: 20 events produced now
+  for i in $(seq 1 20); do
+    printf '{"idempotency_key":"%s-%d","tenant_id":"t2","tokens":1,"token_type":"llm","operation":"chat","occurred_at":"%s"}\n' \
+      "$1" "$i" "$NOW"
+  done >"$IT_DIR/$1.jsonl"
+  it_produce "$IT_DIR/$1.jsonl"
+}
+
 step "Postgres stopped: 503 naming it, /healthz still 200"
 stack_pg_stop "$IT_DIR"
+usage_during pgdown
 got=$(wait_ready 503 60 'token-usage.*postgres')
 echo "pg down: $got"
 assert_one_line "$got"
@@ -94,8 +105,14 @@ stack_pg_start "$IT_DIR" || fail "postgres did not start again"
 got=$(wait_ready 200 120 '^ready$')
 echo "pg back: $got"
 
+it_wait_consumed 320 120
+
 step "Redis stopped: 503 naming it; back: 200"
 it_redis_stop
+echo '{"tenant_id":"t1","data_type":"agent","resource_id":"a1"}' \
+  >"$IT_DIR/inv.jsonl"
+"$TALLY" produce --topic cache-invalidation --file "$IT_DIR/inv.jsonl" \
+  >>"$IT_DIR/produce.log" 2>&1 || fail "produce to cache-invalidation failed"
 got=$(wait_ready 503 60 'cache-invalidation.*redis')
 echo "redis down: $got"
 assert_one_line "$got"
