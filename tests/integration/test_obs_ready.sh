@@ -52,10 +52,12 @@ first=$(readyz)
 case "${first%% *}" in 200 | 503) ;; *) fail "/readyz answered '$first'" ;; esac
 got=$(wait_ready 200 60 '^ready$')
 echo "ready: $got"
-curl -fsS "http://$M/metrics" | grep -q '^tally_ready{check="token-usage"} 1$' ||
+# (grep reads a here-string: a pipe from curl into grep -q can fail under
+# pipefail when grep exits before curl has written everything.)
+grep -q '^tally_ready{check="token-usage"} 1$' <<<"$(curl -fsS "http://$M/metrics")" ||
   fail "no tally_ready{check=\"token-usage\"} 1"
-curl -fsS "http://$M/metrics" |
-  grep -q '^tally_ready{check="cache-invalidation"} 1$' ||
+grep -q '^tally_ready{check="cache-invalidation"} 1$' \
+  <<<"$(curl -fsS "http://$M/metrics")" ||
   fail "no tally_ready{check=\"cache-invalidation\"} 1"
 
 step "events; the histograms count the batches"
@@ -99,7 +101,7 @@ echo "pg down: $got"
 assert_one_line "$got"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$M/healthz")" = 200 ] ||
   fail "/healthz not 200 while Postgres is down"
-curl -fsS "http://$M/metrics" | grep -q '^tally_ready{check="token-usage"} 0$' ||
+grep -q '^tally_ready{check="token-usage"} 0$' <<<"$(curl -fsS "http://$M/metrics")" ||
   fail "tally_ready{check=\"token-usage\"} is not 0 while Postgres is down"
 stack_pg_start "$IT_DIR" || fail "postgres did not start again"
 got=$(wait_ready 200 120 '^ready$')

@@ -319,6 +319,23 @@ static redisReply *run(const cache_t *c, redisContext *ctx, const char *what,
     return reply;
 }
 
+int cache_ping(cache_t *c, char *errstr, size_t errstr_size)
+{
+    const char *argv[] = {"PING"};
+    size_t argvlen[] = {4};
+    redisReply *reply;
+
+    if (cache_connect(c, errstr, errstr_size) == -1)
+        return -1;
+    reply = run(c, c->ctx, "PING", 1, argv, argvlen, errstr, errstr_size);
+    if (!reply) {
+        cache_disconnect(c);
+        return -1;
+    }
+    freeReplyObject(reply);
+    return 0;
+}
+
 /* Connects, authenticates, selects the database and loads the UNLINK
  * script; a context that failed any step is freed, never kept, so that
  * the next call starts anew. */

@@ -32,6 +32,11 @@ int cache_describe(const cache_t *c, char *buf, size_t size);
  * AUTH and SELECT as the URL says. 0, or -1 with errstr. */
 int cache_connect(cache_t *c, char *errstr, size_t errstr_size);
 bool cache_is_connected(const cache_t *c);
+
+/* Connects if needed and sends PING: whether Redis answers now (for
+ * /readyz and tally_redis_up while there is nothing to apply). 0 or -1
+ * with errstr; the connection is dropped on failure. */
+int cache_ping(cache_t *c, char *errstr, size_t errstr_size);
 void cache_disconnect(cache_t *c);
 
 /* Applies the jobs in order: every exact key UNLINKed (many keys per

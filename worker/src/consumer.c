@@ -24,6 +24,7 @@
 #define ENUM_REFRESH_MS 10000  /* re-read enums on an unknown value */
 #define DLQ_FLUSH_MS 30000
 #define PROGRESS_MS 10000
+#define PING_MS 5000 /* check Postgres this often while idle */
 
 /* Where a partition stands. */
 typedef enum {
@@ -48,6 +49,8 @@ typedef struct {
     metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
     metric_t *commit_us, *skipped, *store_rejected;
     metric_t *parse_ns, *poll_ns, *commit_wait_ns;
+    metric_t *batch_messages, *commit_duration;
+    metrics_ready_t *ready;
 } consumer_metrics_t;
 
 /* The committer thread: commits one sealed batch while the main thread
@@ -91,6 +94,8 @@ typedef struct {
     int64_t last_prune_ms;
     bool fatal;
     char fatal_error[512];
+    bool synced;         /* a rebalance came: the group has settled once */
+    int64_t pg_seen_ms;  /* Postgres last answered */
     consumer_metrics_t m;
     /* progress */
     int64_t progress_ms;
@@ -120,6 +125,19 @@ static int64_t mono_ns(void)
 
 static void consumer_metrics_init(consumer_metrics_t *m)
 {
+    static const double batch_bounds[] = {1,    10,   100,   500,   1000,
+                                          2500, 5000, 10000, 25000, 100000};
+    static const double commit_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025,
+                                           0.05,  0.1,    0.25,  0.5,  1,
+                                           2.5,   5,      10};
+    m->batch_messages = metrics_histogram(
+        "tally_usage_batch_messages", NULL, "messages per committed batch",
+        batch_bounds, sizeof(batch_bounds) / sizeof(*batch_bounds));
+    m->commit_duration = metrics_histogram(
+        "tally_usage_commit_duration_seconds", NULL,
+        "duration of a batch's Postgres transaction", commit_bounds,
+        sizeof(commit_bounds) / sizeof(*commit_bounds));
+    m->ready = metrics_readiness("token-usage");
     static char labels[USAGE_ERR__COUNT][64];
     m->messages = metrics_counter("tally_usage_messages_total", NULL,
                                   "token-usage messages consumed");
@@ -200,12 +218,30 @@ static int64_t consumer_start_offset(const consumer_t *c)
                : RD_KAFKA_OFFSET_BEGINNING;
 }
 
+/* /readyz and tally_postgres_up as the pipeline stands: ready once the
+ * group has settled (partitions assigned, or none for us with the group
+ * settled) and Postgres answers. */
+static void consumer_update_ready(consumer_t *c)
+{
+    bool pg = store_is_connected(c->conf->store) && c->pg_retry_at_ms == 0;
+    metric_set(c->m.pg_up, pg);
+    if (!pg)
+        metrics_set_ready(c->m.ready, false, "postgres unavailable");
+    else if (!c->synced)
+        metrics_set_ready(c->m.ready, false,
+                          "waiting for a partition assignment");
+    else
+        metrics_set_ready(c->m.ready, true, NULL);
+}
+
 static void consumer_update_assigned_gauge(consumer_t *c)
 {
     int64_t n = 0;
     for (int32_t i = 0; i < c->n_parts; i++)
         n += c->parts[i].assigned;
     metric_set(c->m.assigned, n);
+    c->synced = true; /* called from the rebalance callback */
+    consumer_update_ready(c);
 }
 
 /* Pauses the partitions in state `state`, e.g. after a failed batch. */
@@ -233,7 +269,7 @@ static void consumer_pg_failed(consumer_t *c, const char *what,
     c->pg_backoff_ms *= 2;
     if (c->pg_backoff_ms > BACKOFF_MAX_MS)
         c->pg_backoff_ms = BACKOFF_MAX_MS;
-    metric_set(c->m.pg_up, store_is_connected(c->conf->store));
+    consumer_update_ready(c);
 }
 
 /* True when Postgres can be used now; reconnects at most once per backoff
@@ -255,7 +291,9 @@ static bool consumer_pg_ready(consumer_t *c)
         log_info("postgres connection restored");
     c->pg_down_logged = false;
     c->pg_backoff_ms = BACKOFF_MIN_MS;
-    metric_set(c->m.pg_up, 1);
+    c->pg_retry_at_ms = 0;
+    c->pg_seen_ms = now_ms();
+    consumer_update_ready(c);
     return true;
 }
 
@@ -263,6 +301,8 @@ static void consumer_pg_ok(consumer_t *c)
 {
     c->pg_backoff_ms = BACKOFF_MIN_MS;
     c->pg_retry_at_ms = 0;
+    c->pg_seen_ms = now_ms();
+    consumer_update_ready(c);
 }
 
 static bool consumer_collect(consumer_t *c, bool wait);
@@ -628,6 +668,8 @@ again:
         consumer_pg_ok(c);
         metric_add(c->m.commit_us, (uint64_t)com->took_us);
         metric_add(c->m.batches, 1);
+        metric_observe(c->m.batch_messages, (double)com->msgs);
+        metric_observe(c->m.commit_duration, (double)com->took_us / 1e6);
         metric_add(c->m.counted, com->res.counted);
         metric_add(c->m.dup_store, com->res.counted_before);
         metric_add(c->m.conflicts, com->res.conflicts);
@@ -1043,6 +1085,24 @@ static void consumer_progress(consumer_t *c)
     c->progress_counted = counted;
 }
 
+/* While nothing is committed, asks Postgres whether it answers every
+ * PING_MS, so that /readyz and tally_postgres_up tell the truth when
+ * idle too. */
+static void consumer_ping(consumer_t *c)
+{
+    char err[512];
+
+    if (now_ms() - c->pg_seen_ms < PING_MS || now_ms() < c->pg_retry_at_ms ||
+        c->batch_msgs > 0 || !consumer_collect(c, false))
+        return;
+    if (store_ping(c->conf->store, err, sizeof(err)) == -1) {
+        consumer_pg_failed(c, "postgres unavailable", err);
+        c->pg_down_logged = true;
+        return;
+    }
+    consumer_pg_ok(c);
+}
+
 static void consumer_prune(consumer_t *c)
 {
     char err[512];
@@ -1086,6 +1146,8 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     c.spare = batch_new(conf->batch_size);
     if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1)
         abort(); /* out of memory or threads at start */
+    c.pg_seen_ms = now_ms();
+    consumer_update_ready(&c);
     /* The enums as Postgres has them; the contract's until it answers. */
     usage_enums_default(&c.token_types, &c.operations);
     consumer_refresh_enums(&c);
@@ -1128,6 +1190,7 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
         if (consumer_batch_due(&c))
             consumer_commit_batch(&c, false);
         consumer_progress(&c);
+        consumer_ping(&c);
         consumer_prune(&c);
     }
 

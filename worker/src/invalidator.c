@@ -21,6 +21,7 @@
 #define BACKOFF_MAX_MS 60000
 #define DLQ_FLUSH_MS 30000
 #define DATA_TYPE_LABELS_MAX 64 /* distinct data_type label values */
+#define PING_MS 5000 /* check Redis this often while idle */
 
 /* A partition's part in the open batch. */
 typedef struct {
@@ -52,6 +53,8 @@ typedef struct {
     bool fatal;
     char fatal_error[512];
     metric_t *messages, *redis_up, *redis_errors, *assigned;
+    metrics_ready_t *ready;
+    int64_t redis_seen_ms; /* Redis last answered */
     metric_t *dead_letters[INVALIDATION_ERR__COUNT];
 } invalidator_t;
 
@@ -69,6 +72,7 @@ static void invalidator_metrics_init(invalidator_t *iv)
                                    "cache-invalidation messages consumed");
     iv->redis_up = metrics_gauge("tally_redis_up", NULL,
                                  "1 when the Redis connection works");
+    iv->ready = metrics_readiness("cache-invalidation");
     iv->redis_errors = metrics_counter(
         "tally_redis_errors_total", NULL,
         "Redis failures (the batch is applied again after a backoff)");
@@ -176,6 +180,34 @@ static void invalidator_fail(invalidator_t *iv, const char *why)
     iv->backoff_ms = iv->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS
                                                          : iv->backoff_ms * 2;
     metric_set(iv->redis_up, cache_is_connected(iv->conf->cache));
+    metrics_set_ready(iv->ready, false, "redis unavailable");
+}
+
+/* Redis answered: the gauge, /readyz and the idle check know. */
+static void invalidator_redis_ok(invalidator_t *iv)
+{
+    iv->redis_seen_ms = now_ms();
+    metric_set(iv->redis_up, 1);
+    metrics_set_ready(iv->ready, true, NULL);
+}
+
+/* While idle, PING Redis every PING_MS: /readyz and tally_redis_up tell
+ * the truth without invalidations to apply. */
+static void invalidator_ping(invalidator_t *iv)
+{
+    char err[512];
+
+    if (iv->redis_down || iv->batch_msgs > 0 ||
+        now_ms() - iv->redis_seen_ms < PING_MS)
+        return;
+    if (cache_ping(iv->conf->cache, err, sizeof(err)) == 0) {
+        invalidator_redis_ok(iv);
+        return;
+    }
+    iv->redis_seen_ms = now_ms();
+    log_warn("cache-invalidation: %s", err);
+    metric_set(iv->redis_up, 0);
+    metrics_set_ready(iv->ready, false, "redis unavailable");
 }
 
 /* Counts the applied batch per data_type (one label lookup per type). */
@@ -255,7 +287,7 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
         log_info("cache-invalidation: redis available again");
     iv->redis_down = false;
     iv->backoff_ms = BACKOFF_MIN_MS;
-    metric_set(iv->redis_up, 1);
+    invalidator_redis_ok(iv);
 
     l = rd_kafka_topic_partition_list_new(iv->n_parts + 1);
     for (int32_t i = 0; i < iv->n_parts; i++) {
@@ -435,7 +467,7 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
             if (cache_connect(conf->cache, e, sizeof(e)) == 0) {
                 log_info("cache-invalidation: redis reachable, resuming");
                 iv.redis_down = false;
-                metric_set(iv.redis_up, 1);
+                invalidator_redis_ok(&iv);
                 invalidator_pause_all(&iv, false);
             } else {
                 log_warn("cache-invalidation: %s; retrying in %d s", e,
@@ -463,6 +495,7 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
             (iv.batch_msgs >= conf->batch_size ||
              now_ms() - iv.batch_opened_ms >= conf->batch_ms))
             invalidator_apply(&iv, false);
+        invalidator_ping(&iv);
     }
     log_info("cache-invalidation: stopping");
     if (!iv.fatal)

@@ -215,6 +215,17 @@ int store_connect(store_t *st, char *errstr, size_t errstr_size)
     return 0;
 }
 
+int store_ping(store_t *st, char *errstr, size_t errstr_size)
+{
+    if (store_connect(st, errstr, errstr_size) == -1)
+        return -1;
+    if (store_exec(st, "SELECT 1", errstr, errstr_size) == -1) {
+        store_recover(st);
+        return -1;
+    }
+    return 0;
+}
+
 /* The temp tables need the session; created lazily before a batch. */
 static int store_prepare_session(store_t *st, char *errstr,
                                  size_t errstr_size)

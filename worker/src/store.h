@@ -46,6 +46,10 @@ void store_free(store_t *st);
  * prepares the session. 0, or -1 with errstr. */
 int store_connect(store_t *st, char *errstr, size_t errstr_size);
 bool store_is_connected(const store_t *st);
+
+/* Connects if needed and runs SELECT 1: whether Postgres answers now (for
+ * /readyz and tally_postgres_up while idle). 0 or -1 with errstr. */
+int store_ping(store_t *st, char *errstr, size_t errstr_size);
 void store_disconnect(store_t *st);
 
 /* Applies the embedded migrations not applied yet, each in its own

@@ -412,6 +412,11 @@ int worker_main(int argc, char **argv)
                           sizeof(invalidation_group));
     if (rc != 0)
         goto out;
+    /* /readyz waits for every pipeline that runs (each starts "not ready:
+     * starting" until its first report). */
+    for (int i = 0; i < 2; i++)
+        if (pipes[i].topic[0])
+            metrics_readiness(i == 0 ? "token-usage" : "cache-invalidation");
     for (int i = 0; i < 2; i++) {
         if (!pipes[i].topic[0])
             continue;
