@@ -13,7 +13,7 @@
 source "$(dirname "$0")/lib.sh"
 it_setup "$1" "$2" 2
 
-OBS_PROM_QUERY=${OBS_PROM_QUERY:-tally_usage_messages_total}
+OBS_PROM_QUERY=${OBS_PROM_QUERY:-tally_usage_lag_messages}
 PROMETHEUS=${PROMETHEUS:-$(command -v prometheus || true)}
 PROMTOOL=${PROMTOOL:-$(command -v promtool || true)}
 [ -x "$PROMETHEUS" ] && [ -x "$PROMTOOL" ] ||

@@ -41,6 +41,7 @@ typedef struct {
     int64_t next;      /* next offset to process */
     bool in_batch;     /* has messages in the open batch */
     int64_t fenced_at_ms;
+    metric_t *lag;     /* tally_usage_lag_messages of this partition */
 } part_t;
 
 typedef struct {
@@ -97,6 +98,7 @@ typedef struct {
     bool synced;         /* a rebalance came: the group has settled once */
     int64_t pg_seen_ms;  /* Postgres last answered */
     consumer_metrics_t m;
+    int64_t lag_ms; /* lag gauges last updated */
     /* progress */
     int64_t progress_ms;
     int64_t progress_counted;
@@ -964,7 +966,9 @@ static void consumer_assign(consumer_t *c,
 
     for (int i = 0; i < l->cnt; i++) {
         part_t *p = consumer_part(c, l->elems[i].partition);
+        metric_t *lag = p->lag; /* the series outlives assignments */
         memset(p, 0, sizeof(*p));
+        p->lag = lag;
         p->assigned = true;
         p->state = PART_CLAIMING;
         l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
@@ -1103,6 +1107,43 @@ static void consumer_ping(consumer_t *c)
     consumer_pg_ok(c);
 }
 
+/* Every few seconds: per assigned partition, how many messages lie
+ * between the position committed in Postgres and the log end (from the
+ * watermarks of librdkafka's last fetch; no broker round trip). A
+ * partition not assigned here reads 0, so that the sum over the members
+ * is the group's lag. */
+static void consumer_update_lag(consumer_t *c)
+{
+    int64_t t = now_ms();
+
+    if (t - c->lag_ms < PING_MS)
+        return;
+    c->lag_ms = t;
+    for (int32_t i = 0; i < c->n_parts; i++) {
+        part_t *p = &c->parts[i];
+        int64_t lo = -1, hi = -1, lag = 0;
+        if (!p->lag) {
+            char labels[320];
+            snprintf(labels, sizeof(labels),
+                     "topic=\"%s\",partition=\"%" PRId32 "\"",
+                     c->conf->topic, i);
+            /* Lives until exit, as the series does. */
+            p->lag = metrics_gauge("tally_usage_lag_messages", strdup(labels),
+                                   "messages after the committed position, "
+                                   "per assigned partition");
+        }
+        if (p->assigned &&
+            rd_kafka_get_watermark_offsets(c->rk, c->conf->topic, i, &lo,
+                                           &hi) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+            hi >= 0) {
+            /* No position stored yet: from the log start. */
+            int64_t from = p->committed >= 0 ? p->committed : lo;
+            lag = from >= 0 && hi > from ? hi - from : 0;
+        }
+        metric_set(p->lag, lag);
+    }
+}
+
 static void consumer_prune(consumer_t *c)
 {
     char err[512];
@@ -1191,6 +1232,7 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
             consumer_commit_batch(&c, false);
         consumer_progress(&c);
         consumer_ping(&c);
+        consumer_update_lag(&c);
         consumer_prune(&c);
     }
 
