@@ -980,6 +980,16 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
     }
     ms_apply = elapsed_ms(&t0);
     fault_point("inside-txn");
+    if (fault_hit("commit-lost")) {
+        /* COMMIT sent, its answer never read: the outcome is unknown
+         * here, as when the connection drops during COMMIT. */
+        PQsendQuery(st->conn, "COMMIT");
+        PQflush(st->conn);
+        store_disconnect(st);
+        snprintf(errstr, errstr_size,
+                 "postgres: connection lost during COMMIT (test fault)");
+        goto out;
+    }
     if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
         goto out;
     ms_commit = elapsed_ms(&t0);
