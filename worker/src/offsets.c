@@ -517,6 +517,93 @@ bad:
     return -1;
 }
 
+/* The first offset of [p->low, p->high) whose message timestamp is at or
+ * after `ts_ms` (p->high if none), read message by message. The fallback
+ * for brokers that do not look offsets up by time: the librdkafka 2.0.2
+ * mock cluster answers every ListOffsets by timestamp with -1 ("FIXME: by
+ * timestamp" in rdkafka_mock_handlers.c). 0, or -1 with errstr. */
+static int scan_for_time(rd_kafka_t *rk, const char *topic,
+                         offsets_part_t *p, int64_t ts_ms, int timeout_ms,
+                         char *errstr, size_t errstr_size)
+{
+    rd_kafka_topic_partition_list_t *list =
+        rd_kafka_topic_partition_list_new(1);
+    int64_t next = p->low;
+    int idle_ms = 0;
+    int rc = -1;
+
+    rd_kafka_topic_partition_list_add(list, topic, p->partition)->offset =
+        p->low;
+    if (rd_kafka_assign(rk, list)) {
+        snprintf(errstr, errstr_size, "kafka: cannot read %s [%d]", topic,
+                 (int)p->partition);
+        goto out;
+    }
+    p->target = p->high;
+    while (next < p->high) {
+        rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 100);
+        if (!rkm) {
+            idle_ms += 100;
+            if (idle_ms > timeout_ms) {
+                snprintf(errstr, errstr_size,
+                         "kafka: reading %s [%d] for --to: no message "
+                         "within %d s",
+                         topic, (int)p->partition, timeout_ms / 1000);
+                goto out;
+            }
+            continue;
+        }
+        idle_ms = 0;
+        if (!rkm->err && rkm->partition == p->partition) {
+            next = rkm->offset + 1;
+            if (rd_kafka_message_timestamp(rkm, NULL) >= ts_ms) {
+                p->target = rkm->offset;
+                rd_kafka_message_destroy(rkm);
+                break;
+            }
+        }
+        rd_kafka_message_destroy(rkm);
+    }
+    rc = 0;
+out:
+    rd_kafka_assign(rk, NULL);
+    rd_kafka_topic_partition_list_destroy(list);
+    return rc;
+}
+
+/* True when a partition's answer -1 ("no message at or after the time")
+ * is contradicted by its last message: the broker did not look it up. */
+static bool time_unanswered(rd_kafka_t *rk, const char *topic,
+                            const offsets_part_t *p, int64_t ts_ms,
+                            int timeout_ms)
+{
+    rd_kafka_topic_partition_list_t *list =
+        rd_kafka_topic_partition_list_new(1);
+    bool unanswered = false;
+
+    if (p->high <= p->low)
+        goto out;
+    rd_kafka_topic_partition_list_add(list, topic, p->partition)->offset =
+        p->high - 1;
+    if (rd_kafka_assign(rk, list))
+        goto out;
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+        rd_kafka_message_t *rkm = rd_kafka_consumer_poll(rk, 100);
+        if (!rkm)
+            continue;
+        if (!rkm->err && rkm->partition == p->partition) {
+            unanswered = rd_kafka_message_timestamp(rkm, NULL) >= ts_ms;
+            rd_kafka_message_destroy(rkm);
+            break;
+        }
+        rd_kafka_message_destroy(rkm);
+    }
+    rd_kafka_assign(rk, NULL);
+out:
+    rd_kafka_topic_partition_list_destroy(list);
+    return unanswered;
+}
+
 /* Sets every partition's target from --to. Explicit offsets must lie in
  * [log start, log end] of an existing partition (-1 with errstr
  * otherwise: a usage error). A time with no message at or after it means
@@ -573,9 +660,17 @@ static int to_resolve(rd_kafka_t *rk, offsets_topic_t *ot,
             err = list->elems[i].err;
             break;
         }
-        if (p)
-            p->target = list->elems[i].offset < 0 ? p->high
-                                                  : list->elems[i].offset;
+        if (!p)
+            continue;
+        if (list->elems[i].offset >= 0)
+            p->target = list->elems[i].offset;
+        else if (!time_unanswered(rk, ot->topic, p, to->time_ms, timeout_ms))
+            p->target = p->high;
+        else if (scan_for_time(rk, ot->topic, p, to->time_ms, timeout_ms,
+                               errstr, errstr_size) == -1) {
+            rd_kafka_topic_partition_list_destroy(list);
+            return -1;
+        }
     }
     rd_kafka_topic_partition_list_destroy(list);
     if (err) {
