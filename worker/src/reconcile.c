@@ -203,6 +203,22 @@ static void values_text(const PGresult *res, int r, int col, FILE *fp)
             PQgetvalue(res, r, col + 4), PQgetvalue(res, r, col + 5));
 }
 
+/* A bucket as JSON: {"type": type, "tenant_id", period, "token_type",
+ * "operation", "model", "agent_id"} from the six key columns at `col`. */
+static json_t *bucket_json(const char *type, const PGresult *res, int r,
+                           int col, const char *period)
+{
+    const char *names[] = {"tenant_id", period, "token_type", "operation",
+                           "model", "agent_id"};
+    json_t *o = json_object();
+
+    json_object_set_new(o, "type", json_string(type));
+    for (int i = 0; i < 6; i++)
+        json_object_set_new(o, names[i],
+                            json_string(PQgetvalue(res, r, col + i)));
+    return o;
+}
+
 static void json_line(json_t *o)
 {
     char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
@@ -242,20 +258,7 @@ static int report_buckets(PGconn *conn, const char *cmp, const char *kind,
         return -1;
     for (int r = 0; r < PQntuples(res); r++) {
         if (json) {
-            json_t *o = json_object();
-            json_object_set_new(o, "type", json_string(kind));
-            json_object_set_new(o, "tenant_id",
-                                json_string(PQgetvalue(res, r, 0)));
-            json_object_set_new(o, period,
-                                json_string(PQgetvalue(res, r, 1)));
-            json_object_set_new(o, "token_type",
-                                json_string(PQgetvalue(res, r, 2)));
-            json_object_set_new(o, "operation",
-                                json_string(PQgetvalue(res, r, 3)));
-            json_object_set_new(o, "model",
-                                json_string(PQgetvalue(res, r, 4)));
-            json_object_set_new(o, "agent_id",
-                                json_string(PQgetvalue(res, r, 5)));
+            json_t *o = bucket_json(kind, res, r, 0, period);
             json_object_set_new(o, "stored", values_json(res, r, 6));
             json_object_set_new(o, "expected", values_json(res, r, 12));
             json_line(o);
@@ -458,19 +461,7 @@ static int against_run(PGconn *conn, const char *const params[3],
         else
             miss_tally++;
         if (json) {
-            json_t *o = json_object();
-            json_object_set_new(o, "type", json_string(class));
-            json_object_set_new(o, "tenant_id",
-                                json_string(PQgetvalue(res, r, 1)));
-            json_object_set_new(o, "day", json_string(PQgetvalue(res, r, 2)));
-            json_object_set_new(o, "token_type",
-                                json_string(PQgetvalue(res, r, 3)));
-            json_object_set_new(o, "operation",
-                                json_string(PQgetvalue(res, r, 4)));
-            json_object_set_new(o, "model",
-                                json_string(PQgetvalue(res, r, 5)));
-            json_object_set_new(o, "agent_id",
-                                json_string(PQgetvalue(res, r, 6)));
+            json_t *o = bucket_json(class, res, r, 1, "day");
             json_object_set_new(o, "tally",
                                 PQgetisnull(res, r, 7)
                                     ? json_null()
