@@ -20,6 +20,10 @@ static const command_t commands[] = {
     {"devbroker", devbroker_main,
      "run a local Kafka-protocol broker (librdkafka mock cluster)"},
     {"migrate", migrate_main, "apply the sql/ migrations to Postgres"},
+    {"offsets", offsets_main,
+     "show or reset a group's positions (Postgres and Kafka)"},
+    {"reconcile", reconcile_main,
+     "check (and --fix) the sums against the counted events"},
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(*commands))
