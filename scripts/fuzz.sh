@@ -87,6 +87,7 @@ for t in "${targets[@]}"; do
   log=$work/logs/$t.log
   echo "== fuzz_$t for ${secs}s (log: $log)"
   rc=0
+  touch "$work/artifacts/$t/.start"
   (cd "$work/artifacts/$t" &&
     "$build/tests/fuzz/fuzz_$t" -max_total_time="$secs" -max_len=16384 \
       -timeout=10 -dict="$here/tests/fuzz/json.dict" -print_final_stats=1 \
@@ -94,12 +95,15 @@ for t in "${targets[@]}"; do
     >"$log" 2>&1 || rc=$?
   grep -E '^stat::number_of_executed_units|^#[0-9]+.*DONE' "$log" | tail -2 ||
     true
-  if [ $rc -ne 0 ]; then
+  # With FUZZ_JOBS libFuzzer goes on after a crash: its artifacts tell.
+  mapfile -t new < <(find "$work/artifacts/$t" -maxdepth 1 -type f -newer \
+    "$work/artifacts/$t/.start" \( -name 'crash-*' -o -name 'timeout-*' \
+    -o -name 'leak-*' -o -name 'oom-*' \) | sort)
+  if [ $rc -ne 0 ] || [ ${#new[@]} -gt 0 ]; then
     failed+=("$t")
     echo "fuzz_$t FAILED (rc=$rc):" >&2
     grep -E 'ERROR:|invariant failed|SUMMARY' "$log" | head -5 >&2 || true
-    for a in "$work/artifacts/$t"/{crash,timeout,leak,oom}-*; do
-      [ -f "$a" ] || continue
+    for a in "${new[@]}"; do
       min=$work/artifacts/$t/min-$(basename "$a")
       "$build/tests/fuzz/fuzz_$t" -minimize_crash=1 -runs=20000 \
         -exact_artifact_path="$min" "$a" >>"$log.min" 2>&1 || true

@@ -41,67 +41,93 @@ static void check_metadata(const usage_event_t *ev, const char *buf,
     json_decref(root);
 }
 
-/* What must hold for any bytes, parsed with the fixed test context: a
- * known reason with a whole, textual message; or an event whose every
- * field obeys the contract, found again (same fingerprint) by a second
- * parse. Inputs that happen to be timestamps also go through a
+/* What must hold for any bytes under ctx: a known reason with a whole,
+ * textual message; or an event whose every field obeys the contract,
+ * found again (same fingerprint) by a second parse. */
+static void check_parse(const usage_parse_ctx_t *ctx, const char *buf,
+                        size_t size)
+{
+    usage_event_t ev, again;
+    char err[FUZZ_ERRSTR_SIZE], key[USAGE_KEY_MAX + 1];
+
+    usage_reason_t r = usage_event_parse(buf, size, ctx, &ev, err, sizeof(err));
+    CHECK((unsigned)r < USAGE_ERR__COUNT);
+    CHECK(strcmp(usage_reason_code(r), "unknown") != 0);
+    if (r != USAGE_OK) {
+        fuzz_check_errstr(err);
+        return;
+    }
+    fuzz_check_terminated(err, sizeof(err));
+    CHECK(err[0] == '\0');
+    fuzz_check_terminated(ev.tenant_id, sizeof(ev.tenant_id));
+    CHECK(usage_is_id(ev.tenant_id, strlen(ev.tenant_id)));
+    fuzz_check_terminated(ev.idempotency_key, sizeof(ev.idempotency_key));
+    if (ev.key_implicit) {
+        snprintf(key, sizeof(key), "kafka:%s:%d:%lld", ctx->topic,
+                 (int)ctx->partition, (long long)ctx->offset);
+        CHECK(strcmp(ev.idempotency_key, key) == 0);
+    } else {
+        size_t n = strlen(ev.idempotency_key);
+        CHECK(n >= 1 && n <= USAGE_KEY_MAX);
+        CHECK(json_rules_is_text(ev.idempotency_key, n));
+        CHECK(strncmp(ev.idempotency_key, "kafka:", 6) != 0);
+    }
+    check_count(ev.tokens);
+    check_count(ev.prompt_tokens);
+    check_count(ev.completion_tokens);
+    check_count(ev.thoughts_tokens);
+    check_count(ev.cached_tokens);
+    fuzz_check_terminated(ev.token_type, sizeof(ev.token_type));
+    fuzz_check_terminated(ev.operation, sizeof(ev.operation));
+    CHECK(usage_enum_contains(ctx->token_types, ev.token_type));
+    CHECK(usage_enum_contains(ctx->operations, ev.operation));
+    fuzz_check_terminated(ev.model, sizeof(ev.model));
+    CHECK(strlen(ev.model) <= USAGE_MODEL_MAX);
+    CHECK(json_rules_is_text(ev.model, strlen(ev.model)));
+    check_opt_id(ev.agent_id, sizeof(ev.agent_id));
+    check_opt_id(ev.conversation_id, sizeof(ev.conversation_id));
+    check_opt_id(ev.collection_id, sizeof(ev.collection_id));
+    check_opt_id(ev.owner_tenant_id, sizeof(ev.owner_tenant_id));
+    CHECK(ev.occurred_at_us >=
+          ctx->now_us - ctx->dedupe_days * 86400000000LL);
+    CHECK(ev.occurred_at_us <= ctx->now_us + 3600000000LL);
+    if (ev.metadata)
+        check_metadata(&ev, buf, size);
+    else
+        CHECK(ev.metadata_len == 0);
+    CHECK(usage_event_parse(buf, size, ctx, &again, err, sizeof(err)) ==
+          USAGE_OK);
+    CHECK(again.payload_hash == ev.payload_hash);
+}
+
+/* Every input under the fixed test context, under an edge one (no
+ * dedupe window, no Kafka timestamp, the largest partition and offset),
+ * and one byte over the size limit, which must be too_large whatever
+ * else is wrong. Inputs that happen to be timestamps also go through a
  * format/parse round trip. */
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static usage_enum_t tt, op;
     usage_parse_ctx_t ctx;
-    usage_event_t ev, again;
+    usage_event_t ev;
     char err[FUZZ_ERRSTR_SIZE];
     const char *buf = (const char *)data;
 
     case_ctx_init(&ctx, &tt, &op);
-    usage_reason_t r =
-        usage_event_parse(buf, size, &ctx, &ev, err, sizeof(err));
-    CHECK((unsigned)r < USAGE_ERR__COUNT);
-    CHECK(strcmp(usage_reason_code(r), "unknown") != 0);
-    if (r != USAGE_OK) {
+    check_parse(&ctx, buf, size);
+    if (size > 0) {
+        ctx.max_message_bytes = size - 1;
+        CHECK(usage_event_parse(buf, size, &ctx, &ev, err, sizeof(err)) ==
+              USAGE_ERR_TOO_LARGE);
         fuzz_check_errstr(err);
-    } else {
-        fuzz_check_terminated(err, sizeof(err));
-        CHECK(err[0] == '\0');
-        fuzz_check_terminated(ev.tenant_id, sizeof(ev.tenant_id));
-        CHECK(usage_is_id(ev.tenant_id, strlen(ev.tenant_id)));
-        fuzz_check_terminated(ev.idempotency_key, sizeof(ev.idempotency_key));
-        if (ev.key_implicit) {
-            CHECK(strcmp(ev.idempotency_key, "kafka:token-usage:3:42") == 0);
-        } else {
-            size_t n = strlen(ev.idempotency_key);
-            CHECK(n >= 1 && n <= USAGE_KEY_MAX);
-            CHECK(json_rules_is_text(ev.idempotency_key, n));
-            CHECK(strncmp(ev.idempotency_key, "kafka:", 6) != 0);
-        }
-        check_count(ev.tokens);
-        check_count(ev.prompt_tokens);
-        check_count(ev.completion_tokens);
-        check_count(ev.thoughts_tokens);
-        check_count(ev.cached_tokens);
-        fuzz_check_terminated(ev.token_type, sizeof(ev.token_type));
-        fuzz_check_terminated(ev.operation, sizeof(ev.operation));
-        CHECK(usage_enum_contains(&tt, ev.token_type));
-        CHECK(usage_enum_contains(&op, ev.operation));
-        fuzz_check_terminated(ev.model, sizeof(ev.model));
-        CHECK(strlen(ev.model) <= USAGE_MODEL_MAX);
-        CHECK(json_rules_is_text(ev.model, strlen(ev.model)));
-        check_opt_id(ev.agent_id, sizeof(ev.agent_id));
-        check_opt_id(ev.conversation_id, sizeof(ev.conversation_id));
-        check_opt_id(ev.collection_id, sizeof(ev.collection_id));
-        check_opt_id(ev.owner_tenant_id, sizeof(ev.owner_tenant_id));
-        CHECK(ev.occurred_at_us >=
-              CASE_NOW_US - CASE_DEDUPE_DAYS * 86400000000LL);
-        CHECK(ev.occurred_at_us <= CASE_NOW_US + 3600000000LL);
-        if (ev.metadata)
-            check_metadata(&ev, buf, size);
-        else
-            CHECK(ev.metadata_len == 0);
-        CHECK(usage_event_parse(buf, size, &ctx, &again, err, sizeof(err)) ==
-              USAGE_OK);
-        CHECK(again.payload_hash == ev.payload_hash);
+        ctx.max_message_bytes = CASE_MAX_BYTES;
     }
+    ctx.dedupe_days = 0;
+    ctx.kafka_timestamp_ms = -1;
+    ctx.topic = "";
+    ctx.partition = INT32_MAX;
+    ctx.offset = INT64_MAX;
+    check_parse(&ctx, buf, size);
 
     /* A local date of 0001..9999 with an offset may be an instant just
      * outside those years in UTC (test_rfc3339.c: test_offsets), which
