@@ -94,10 +94,10 @@ static void ref_add(ref_t *m, bool is_key, const char *prefix,
 {
     CHECK(m->n < CACHE_TARGETS_MAX);
     char *s = m->str[m->n];
-    int n = snprintf(s, STR_MAX, "%s:{%s}:%s%s%s%s%s%s%s:%s", prefix, tenant,
-                     type, agent[0] ? ":agent=" : "", agent,
-                     conv[0] ? ":conv=" : "", conv, coll[0] ? ":coll=" : "",
-                     coll, is_key ? resource : "");
+    int n =
+        snprintf(s, STR_MAX, "%s:{%s}:%s%s%s%s%s%s%s:%s", prefix, tenant, type,
+                 agent[0] ? ":agent=" : "", agent, conv[0] ? ":conv=" : "",
+                 conv, coll[0] ? ":coll=" : "", coll, is_key ? resource : "");
     CHECK(n > 0 && n < STR_MAX);
     m->is_key[m->n++] = is_key;
 }
@@ -266,8 +266,7 @@ static void check_scan(const cache_targets_t *t, const cache_target_t *it,
 }
 
 static void check_targets(const invalidation_t *inv, const char *prefix,
-                          const cache_targets_t *t, const char *tail,
-                          size_t tn)
+                          const cache_targets_t *t, const char *tail, size_t tn)
 {
     char own[PREFIX_MAX + 140];
     ref_t m;
@@ -362,10 +361,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_pattern(prefix, buf, size);
 
     memset(&inv, 0, sizeof(inv));
-    char *dst[] = {inv.tenant_id, inv.data_type, inv.resource_id,
-                   inv.agent_id, inv.conversation_id, inv.collection_id};
-    size_t dsz[] = {sizeof(inv.tenant_id), sizeof(inv.data_type),
-                    sizeof(inv.resource_id), sizeof(inv.agent_id),
+    char *dst[] = {inv.tenant_id, inv.data_type,       inv.resource_id,
+                   inv.agent_id,  inv.conversation_id, inv.collection_id};
+    size_t dsz[] = {sizeof(inv.tenant_id),       sizeof(inv.data_type),
+                    sizeof(inv.resource_id),     sizeof(inv.agent_id),
                     sizeof(inv.conversation_id), sizeof(inv.collection_id)};
     for (size_t f = 1; f < 7 && f < nf; f++)
         copy_field(dst[f - 1], dsz[f - 1], field[f], len[f]);

@@ -79,7 +79,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     CHECK(is_opt_id(inv.collection_id, sizeof(inv.collection_id)));
     fuzz_check_terminated(inv.event_id, sizeof(inv.event_id));
     size_t n = strlen(inv.event_id);
-    CHECK(n <= INVALIDATION_EVENT_ID_MAX && json_rules_is_text(inv.event_id, n));
+    CHECK(n <= INVALIDATION_EVENT_ID_MAX &&
+          json_rules_is_text(inv.event_id, n));
 
     json_t *root = json_loadb(buf, size, JSON_REJECT_DUPLICATES, NULL);
     CHECK(json_is_object(root));

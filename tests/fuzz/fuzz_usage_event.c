@@ -88,8 +88,7 @@ static void check_parse(const usage_parse_ctx_t *ctx, const char *buf,
     check_opt_id(ev.conversation_id, sizeof(ev.conversation_id));
     check_opt_id(ev.collection_id, sizeof(ev.collection_id));
     check_opt_id(ev.owner_tenant_id, sizeof(ev.owner_tenant_id));
-    CHECK(ev.occurred_at_us >=
-          ctx->now_us - ctx->dedupe_days * 86400000000LL);
+    CHECK(ev.occurred_at_us >= ctx->now_us - ctx->dedupe_days * 86400000000LL);
     CHECK(ev.occurred_at_us <= ctx->now_us + 3600000000LL);
     if (ev.metadata)
         check_metadata(&ev, buf, size);
