@@ -1,6 +1,7 @@
 /* Kafka group consumers as both pipelines need them. */
 #include "kafka.h"
 
+#include <limits.h>
 #include <stdio.h>
 
 rd_kafka_t *kafka_consumer_new(const config_t *cfg, const char *brokers,
@@ -59,4 +60,13 @@ fail:
     if (conf)
         rd_kafka_conf_destroy(conf);
     return NULL;
+}
+
+rd_kafka_error_t *kafka_seek_partitions(rd_kafka_t *rk,
+                                        rd_kafka_topic_partition_list_t *l,
+                                        int timeout_ms)
+{
+    if (rd_kafka_version() < 0x02010000 && timeout_ms > 0)
+        timeout_ms = timeout_ms > INT_MAX / 1000 ? INT_MAX : timeout_ms * 1000;
+    return rd_kafka_seek_partitions(rk, l, timeout_ms);
 }
