@@ -31,6 +31,13 @@ it_cleanup() {
     [ -f "$pidf" ] && kill -KILL "$(cat "$pidf")" 2>/dev/null
   done
   stack_stop "$IT_DIR"
+  # A sanitizer report from any process of the stack (the broker's exit
+  # status goes unchecked, a worker killed with -9 has none) fails the
+  # test as a non-zero exit would.
+  if [ $rc -eq 0 ] && it_sanitizer_reports; then
+    echo "FAIL: sanitizer reports in the logs above" >&2
+    rc=1
+  fi
   if [ $rc -ne 0 ]; then
     echo "=== test failed (rc=$rc); logs in $IT_DIR:" >&2
     for f in "$IT_DIR"/*.log; do
@@ -42,6 +49,12 @@ it_cleanup() {
     rm -rf "$IT_DIR"
   fi
   exit $rc
+}
+
+# Prints the ASan/LSan/UBSan reports found in $IT_DIR's logs; true if any.
+it_sanitizer_reports() {
+  grep -rsE -A3 '==[0-9]+==ERROR: [A-Za-z]+Sanitizer|: runtime error: ' \
+    --include='*.log' --include=log "$IT_DIR" >&2
 }
 
 it_setup() {
@@ -64,11 +77,16 @@ it_sql() {
 }
 
 # Starts a worker named NAME in the background: it_worker_start NAME [args]
+# With IT_WORKER_WRAPPER set (a command line, split at spaces), the worker
+# runs under it, e.g. IT_WORKER_WRAPPER="valgrind --error-exitcode=99";
+# its pid is then the wrapper's, which must pass signals on or, like
+# valgrind, be the worker's own process.
 it_worker_start() {
-  local name=$1
+  local name=$1 wrapper=()
   shift
-  "$TALLY" worker --metrics-addr "" --batch-ms 200 "${IT_KAFKA_ARGS[@]}" \
-    "$@" >>"$IT_DIR/$name.log" 2>&1 &
+  [ -n "${IT_WORKER_WRAPPER:-}" ] && read -ra wrapper <<<"$IT_WORKER_WRAPPER"
+  "${wrapper[@]}" "$TALLY" worker --metrics-addr "" --batch-ms 200 \
+    "${IT_KAFKA_ARGS[@]}" "$@" >>"$IT_DIR/$name.log" 2>&1 &
   echo $! >"$IT_DIR/$name.pid"
   IT_WORKERS+=("$name")
 }

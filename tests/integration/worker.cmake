@@ -33,3 +33,27 @@ tally_worker_test(fault_config)
 tally_worker_test(fault_crash_points)
 tally_worker_test(fault_broker)
 tally_worker_test(fault_postgres)
+
+# Two tests again with the worker under valgrind memcheck (label
+# valgrind): worker_dlq (every reason code's error path and the
+# dead-letter producer) and worker_invalidation (the invalidation
+# pipeline, Redis and Postgres outages), each ending in a SIGTERM stop,
+# with no invalid access and no definite or indirect leak allowed (exit
+# 99 fails it_worker_stop). Only in builds without sanitizers, which
+# valgrind cannot run. valgrind.supp says what it suppresses and why.
+find_program(TALLY_VALGRIND valgrind)
+if(TALLY_VALGRIND AND NOT TALLY_SANITIZE)
+  set(vg ${TALLY_VALGRIND} --error-exitcode=99 --leak-check=full
+         --show-leak-kinds=definite,indirect,possible
+         --errors-for-leak-kinds=definite,indirect --num-callers=40
+         --suppressions=${CMAKE_CURRENT_LIST_DIR}/valgrind.supp)
+  list(JOIN vg " " vg)
+  foreach(name worker_dlq worker_invalidation)
+    add_test(NAME integration_${name}_valgrind
+             COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/test_${name}.sh
+                     $<TARGET_FILE:tally> $<TARGET_FILE:tally-gen>)
+    set_tests_properties(integration_${name}_valgrind PROPERTIES
+                         TIMEOUT 900 LABELS "integration;valgrind"
+                         RUN_SERIAL TRUE ENVIRONMENT "IT_WORKER_WRAPPER=${vg}")
+  endforeach()
+endif()

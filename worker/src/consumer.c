@@ -426,7 +426,7 @@ static void consumer_claim_pending(consumer_t *c)
             rd_kafka_topic_partition_list_add(l, c->conf->topic, i);
     if (l->cnt == 0 || consumer_claim(c, l) == -1)
         goto out;
-    error = rd_kafka_seek_partitions(c->rk, l, 10000);
+    error = kafka_seek_partitions(c->rk, l, 10000);
     if (error) {
         log_warn("seek after claim failed: %s; claiming again",
                  rd_kafka_error_string(error));

@@ -164,7 +164,7 @@ static void invalidator_fail(invalidator_t *iv, const char *why)
     invalidator_clear(iv);
     invalidator_pause_all(iv, true);
     if (l->cnt > 0) {
-        error = rd_kafka_seek_partitions(iv->rk, l, 10000);
+        error = kafka_seek_partitions(iv->rk, l, 10000);
         if (error) {
             /* Cannot rewind: stop rather than skip invalidations. */
             snprintf(iv->fatal_error, sizeof(iv->fatal_error),

@@ -2,6 +2,7 @@
  * for librdkafka 2.0.2 (Debian's) that they rely on. */
 #include "kafka.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -401,4 +402,13 @@ out:
     rd_kafka_topic_destroy(rkt);
     rd_kafka_destroy(rk);
     return rc;
+}
+
+rd_kafka_error_t *kafka_seek_partitions(rd_kafka_t *rk,
+                                        rd_kafka_topic_partition_list_t *l,
+                                        int timeout_ms)
+{
+    if (rd_kafka_version() < 0x02010000 && timeout_ms > 0)
+        timeout_ms = timeout_ms > INT_MAX / 1000 ? INT_MAX : timeout_ms * 1000;
+    return rd_kafka_seek_partitions(rk, l, timeout_ms);
 }

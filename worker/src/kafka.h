@@ -84,4 +84,12 @@ int kafka_fetch_each(const config_t *cfg, const char *brokers,
                                const rd_kafka_message_t *rkm),
                      void *arg, char *errstr, size_t errstr_size);
 
+/* rd_kafka_seek_partitions() with a timeout that means milliseconds on
+ * every librdkafka: before 2.1.0 it waited a thousandth of timeout_ms
+ * (librdkafka #4230; 10 ms for 10000), so that a slow moment made a
+ * rewind time out. Same return as rd_kafka_seek_partitions(). */
+rd_kafka_error_t *kafka_seek_partitions(rd_kafka_t *rk,
+                                        rd_kafka_topic_partition_list_t *l,
+                                        int timeout_ms);
+
 #endif
