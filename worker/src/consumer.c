@@ -50,7 +50,7 @@ typedef struct {
     metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
     metric_t *commit_us, *skipped, *store_rejected;
     metric_t *parse_ns, *poll_ns, *commit_wait_ns;
-    metric_t *batch_messages, *commit_duration;
+    metric_t *batch_messages, *commit_duration, *rebalances;
     metrics_ready_t *ready;
 } consumer_metrics_t;
 
@@ -140,6 +140,9 @@ static void consumer_metrics_init(consumer_metrics_t *m)
         "duration of a batch's Postgres transaction", commit_bounds,
         sizeof(commit_bounds) / sizeof(*commit_bounds));
     m->ready = metrics_readiness("token-usage");
+    m->rebalances = metrics_counter(
+        "tally_usage_rebalances_total", NULL,
+        "rebalance callbacks (assignments and revocations) of token-usage");
     static char labels[USAGE_ERR__COUNT][64];
     m->messages = metrics_counter("tally_usage_messages_total", NULL,
                                   "token-usage messages consumed");
@@ -1032,6 +1035,7 @@ static void rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
     consumer_t *c = arg;
 
     (void)rk;
+    metric_add(c->m.rebalances, 1);
     log_info("rebalance: %s %d partitions%s",
              err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
                                                          : "revoked",

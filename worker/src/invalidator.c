@@ -54,6 +54,7 @@ typedef struct {
     char fatal_error[512];
     metric_t *messages, *redis_up, *redis_errors, *assigned;
     metrics_ready_t *ready;
+    metric_t *rebalances;
     int64_t redis_seen_ms; /* Redis last answered */
     metric_t *dead_letters[INVALIDATION_ERR__COUNT];
 } invalidator_t;
@@ -73,6 +74,10 @@ static void invalidator_metrics_init(invalidator_t *iv)
     iv->redis_up = metrics_gauge("tally_redis_up", NULL,
                                  "1 when the Redis connection works");
     iv->ready = metrics_readiness("cache-invalidation");
+    iv->rebalances = metrics_counter(
+        "tally_invalidation_rebalances_total", NULL,
+        "rebalance callbacks (assignments and revocations) of "
+        "cache-invalidation");
     iv->redis_errors = metrics_counter(
         "tally_redis_errors_total", NULL,
         "Redis failures (the batch is applied again after a backoff)");
@@ -387,6 +392,7 @@ static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
     rd_kafka_error_t *error;
     int64_t n = 0;
 
+    metric_add(iv->rebalances, 1);
     log_info("rebalance (%s): %s %d partitions%s", iv->conf->topic,
              err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
                                                          : "revoked",
