@@ -1053,15 +1053,22 @@ static void rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
  * otherwise. Memory stays bounded whatever the backlog: the byte cap on
  * the pre-fetch queue does the bounding; the message threshold is high
  * because librdkafka 2.0 parks a partition over it until its broker
- * thread looks again, which starves the consumer. */
+ * thread looks again, which starves the consumer. Fetch responses are
+ * small (64 KiB, compressed): librdkafka decompresses every record batch
+ * of a response before handing out its messages, so a response's memory
+ * is its size times the compression ratio (200:1 for a repetitive 1 MiB
+ * value); a larger message still comes, alone (KIP-74). The consumer's
+ * message.max.bytes only bounds the requests it sends, and librdkafka
+ * wants fetch.max.bytes >= it. */
 const char *const consumer_kafka_defaults[] = {
     "client.id", "tally-worker",
     /* Out of range (retention passed us): take what is left. */
     "auto.offset.reset", "earliest",
     "queued.min.messages", "50000",
     "queued.max.messages.kbytes", "8192",
-    "fetch.max.bytes", "2097152",
-    "max.partition.fetch.bytes", "262144",
+    "message.max.bytes", "65536",
+    "fetch.max.bytes", "65536",
+    "max.partition.fetch.bytes", "65536",
     NULL,
 };
 

@@ -88,6 +88,8 @@ static void sent_remove(dead_letter_t *dl, int32_t partition, int64_t from,
 {
     size_t a = sent_lower_bound(dl, partition, from);
     size_t b = sent_lower_bound(dl, partition, to);
+    if (b == a)
+        return; /* nothing there (dl->sent may still be NULL) */
     memmove(dl->sent + a, dl->sent + b,
             (dl->n_sent - b) * sizeof(*dl->sent));
     dl->n_sent -= b - a;

@@ -436,9 +436,14 @@ static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
 /* ---------------------------------------------------------------- */
 /* The loop                                                           */
 
+/* As the token-usage consumer's (consumer.c): small compressed fetches
+ * keep the decompressed data of one response bounded. */
 const char *const invalidator_kafka_defaults[] = {
     "client.id", "tally-invalidator",
     "queued.max.messages.kbytes", "2048",
+    "message.max.bytes", "65536",
+    "fetch.max.bytes", "65536",
+    "max.partition.fetch.bytes", "65536",
     NULL,
 };
 
