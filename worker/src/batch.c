@@ -55,6 +55,8 @@ struct batch {
     buf_t keys;  /* COPY rows of the keys, for the dedupe check */
     buf_t rows;  /* COPY rows of the events table */
     buf_t agg;   /* COPY rows of the buckets */
+    size_t *sorted; /* seqs by (tenant_id, idempotency_key), on demand */
+    size_t n_sorted;
 };
 
 /* ---------------------------------------------------------------- */
@@ -177,6 +179,7 @@ void batch_free(batch_t *b)
     free(b->keys.data);
     free(b->rows.data);
     free(b->agg.data);
+    free(b->sorted);
     free(b);
 }
 
@@ -190,6 +193,7 @@ void batch_clear(batch_t *b)
     b->keys.len = 0;
     b->rows.len = 0;
     b->agg.len = 0;
+    b->n_sorted = 0;
 }
 
 size_t batch_count(const batch_t *b)
@@ -360,6 +364,32 @@ const char *batch_key_row(const batch_t *b, size_t seq, size_t *len)
     }
     *len = b->events[seq].key_row_len;
     return b->keys.data + b->events[seq].key_row_off;
+}
+
+/* Bytewise order of "tenant\0key\0", as COLLATE "C" compares them. */
+static int batch_key_cmp(const void *x, const void *y, void *arg)
+{
+    const batch_t *b = arg;
+    const char *kx = b->arena.data + b->events[*(const size_t *)x].key_off;
+    const char *ky = b->arena.data + b->events[*(const size_t *)y].key_off;
+    int r = strcmp(kx, ky);
+    return r ? r : strcmp(kx + strlen(kx) + 1, ky + strlen(ky) + 1);
+}
+
+const size_t *batch_sorted_by_key(batch_t *b)
+{
+    if (b->n_sorted != b->n_events) {
+        size_t *s = realloc(b->sorted, (b->max_events ? b->max_events : 1) *
+                                           sizeof(*s));
+        if (!s)
+            abort();
+        b->sorted = s;
+        for (size_t i = 0; i < b->n_events; i++)
+            s[i] = i;
+        qsort_r(s, b->n_events, sizeof(*s), batch_key_cmp, b);
+        b->n_sorted = b->n_events;
+    }
+    return b->sorted;
 }
 
 bool batch_is_selected(const batch_t *b, size_t seq)

@@ -37,6 +37,12 @@ bool batch_is_full(const batch_t *b);
  * consecutive seqs are contiguous. Valid until the next batch_add/clear. */
 const char *batch_key_row(const batch_t *b, size_t seq, size_t *len);
 
+/* The seqs of the batch's events ordered by (tenant_id, idempotency_key)
+ * bytewise, computed once per batch: inserting in this one order
+ * everywhere means two transactions inserting the same keys never wait
+ * for each other in a cycle (no deadlock). Valid until batch_add/clear. */
+const size_t *batch_sorted_by_key(batch_t *b);
+
 /* Selection, for committing part of a batch (finding the events Postgres
  * rejects): only the events of [lo, hi) that are not rejected are
  * selected; batch_select(b, 0, SIZE_MAX) selects all. Unselected events

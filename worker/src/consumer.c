@@ -96,6 +96,7 @@ typedef struct {
     bool fatal;
     char fatal_error[512];
     bool synced;         /* a rebalance came: the group has settled once */
+    int64_t assigned_reported; /* this member's part of the gauge */
     int64_t pg_seen_ms;  /* Postgres last answered */
     consumer_metrics_t m;
     int64_t lag_ms; /* lag gauges last updated */
@@ -125,7 +126,10 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void consumer_metrics_init(consumer_metrics_t *m)
+/* The series are shared by the members of the group in this process
+ * (registering one again returns it); gauges are per member where noted. */
+static void consumer_metrics_init(consumer_metrics_t *m,
+                                  const char *ready_name)
 {
     static const double batch_bounds[] = {1,    10,   100,   500,   1000,
                                           2500, 5000, 10000, 25000, 100000};
@@ -139,7 +143,7 @@ static void consumer_metrics_init(consumer_metrics_t *m)
         "tally_usage_commit_duration_seconds", NULL,
         "duration of a batch's Postgres transaction", commit_bounds,
         sizeof(commit_bounds) / sizeof(*commit_bounds));
-    m->ready = metrics_readiness("token-usage");
+    m->ready = metrics_readiness(ready_name);
     m->rebalances = metrics_counter(
         "tally_usage_rebalances_total", NULL,
         "rebalance callbacks (assignments and revocations) of token-usage");
@@ -244,7 +248,9 @@ static void consumer_update_assigned_gauge(consumer_t *c)
     int64_t n = 0;
     for (int32_t i = 0; i < c->n_parts; i++)
         n += c->parts[i].assigned;
-    metric_set(c->m.assigned, n);
+    /* The gauge is the sum over the members: add this one's change. */
+    metric_add(c->m.assigned, (uint64_t)(n - c->assigned_reported));
+    c->assigned_reported = n;
     c->synced = true; /* called from the rebalance callback */
     consumer_update_ready(c);
 }
@@ -1019,6 +1025,8 @@ static void consumer_revoke(consumer_t *c,
         p->in_batch = false;
         dead_letter_forget(c->conf->dlq, parts->elems[i].partition,
                            INT64_MAX);
+        if (p->lag)
+            metric_set(p->lag, 0); /* its next owner reports it */
     }
     error = rd_kafka_incremental_unassign(c->rk, parts);
     if (error) {
@@ -1133,18 +1141,20 @@ static void consumer_update_lag(consumer_t *c)
     for (int32_t i = 0; i < c->n_parts; i++) {
         part_t *p = &c->parts[i];
         int64_t lo = -1, hi = -1, lag = 0;
+        if (!p->assigned)
+            continue; /* set to 0 when it went (consumer_revoke) */
         if (!p->lag) {
             char labels[320];
             snprintf(labels, sizeof(labels),
                      "topic=\"%s\",partition=\"%" PRId32 "\"",
                      c->conf->topic, i);
-            /* Lives until exit, as the series does. */
+            /* Lives until exit, as the series does; shared by the
+             * members of the process (one owns a partition at a time). */
             p->lag = metrics_gauge("tally_usage_lag_messages", strdup(labels),
                                    "messages after the committed position, "
                                    "per assigned partition");
         }
-        if (p->assigned &&
-            rd_kafka_get_watermark_offsets(c->rk, c->conf->topic, i, &lo,
+        if (rd_kafka_get_watermark_offsets(c->rk, c->conf->topic, i, &lo,
                                            &hi) == RD_KAFKA_RESP_ERR_NO_ERROR &&
             hi >= 0) {
             /* No position stored yet: from the log start. */
@@ -1193,7 +1203,7 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
                       (conf->prune_interval_s < 60
                            ? conf->prune_interval_s * 1000
                            : 60000);
-    consumer_metrics_init(&c.m);
+    consumer_metrics_init(&c.m, conf->ready_name);
     c.batch = batch_new(conf->batch_size);
     c.spare = batch_new(conf->batch_size);
     if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1)

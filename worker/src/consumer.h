@@ -15,6 +15,7 @@ typedef struct {
     const config_t *cfg;  /* -X, for reading refused events again */
     const char *brokers;
     const char *group;
+    const char *ready_name; /* its /readyz check, e.g. "token-usage#2" */
     const char *topic;
     const char *dlq_topic;
     const char *start_from; /* "earliest" or "latest" */

@@ -67,12 +67,28 @@ static struct MHD_Daemon *daemon_handle;
 /* ---------------------------------------------------------------- */
 /* Registry                                                           */
 
+/* The series `name` with `labels` if registered already (several members
+ * of one pipeline share their series), else NULL. Caller holds the lock. */
+static metric_t *metrics_find_locked(const char *name, const char *labels,
+                                     metric_kind_t kind)
+{
+    for (size_t i = 0; i < n_metrics; i++) {
+        metric_t *m = &metrics[i];
+        if (m->kind == kind && !strcmp(m->name, name) &&
+            (m->labels ? labels && !strcmp(m->labels, labels) : !labels))
+            return m;
+    }
+    return NULL;
+}
+
 static metric_t *metrics_register_locked(const char *name,
                                          const char *labels,
                                          const char *help,
                                          metric_kind_t kind)
 {
-    metric_t *m;
+    metric_t *m = metrics_find_locked(name, labels, kind);
+    if (m)
+        return m;
     if (n_metrics >= METRICS_MAX)
         abort(); /* a programming error: raise METRICS_MAX */
     m = &metrics[n_metrics];
@@ -193,6 +209,13 @@ metric_t *metrics_histogram(const char *name, const char *labels,
     for (size_t i = 0; i <= n; i++)
         atomic_init(&buckets[i], 0);
     pthread_mutex_lock(&metrics_lock);
+    m = metrics_find_locked(name, labels, METRIC_HISTOGRAM);
+    if (m) { /* shared by the members of a pipeline */
+        pthread_mutex_unlock(&metrics_lock);
+        free(copy);
+        free(buckets);
+        return m;
+    }
     m = metrics_register_locked(name, labels, help, METRIC_HISTOGRAM);
     m->bounds = copy;
     m->n_bounds = n;

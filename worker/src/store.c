@@ -590,6 +590,30 @@ static bool store_row_wanted(const batch_t *b, size_t seq, rows_kind_t kind)
            (kind == ROWS_KEYS || !batch_is_counted_before(b, seq));
 }
 
+/* COPYs the new events straight into tally.token_usage_events in key
+ * order (batch_sorted_by_key(): one lock order for every writer of that
+ * table, so concurrent batches sharing keys never deadlock). */
+static int store_copy_events_sorted(store_t *st, batch_t *batch,
+                                    const char *sql, char *errstr,
+                                    size_t errstr_size)
+{
+    const size_t *order = batch_sorted_by_key(batch);
+    size_t n = batch_count(batch);
+    bool ok = true;
+
+    if (store_copy_begin(st, sql, errstr, errstr_size) == -1)
+        return -1;
+    for (size_t i = 0; ok && i < n; i++) {
+        const char *row;
+        size_t len;
+        if (!store_row_wanted(batch, order[i], ROWS_NEW_EVENTS))
+            continue;
+        row = batch_event_row(batch, order[i], &len);
+        ok = store_copy_put(st, row, len, errstr, errstr_size) == 0;
+    }
+    return store_copy_end(st, ok, errstr, errstr_size);
+}
+
 /* COPYs the wanted rows, in contiguous runs. */
 static int store_copy_rows(store_t *st, const batch_t *batch,
                            rows_kind_t kind, const char *sql, char *errstr,
@@ -826,8 +850,8 @@ static int store_dedupe(store_t *st, batch_t *batch,
     seqs = NULL;
     if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
         goto out;
-    if (store_copy_rows(st, batch, ROWS_NEW_EVENTS, copy_events_sql, errstr,
-                        errstr_size) == 0) {
+    if (store_copy_events_sorted(st, batch, copy_events_sql, errstr,
+                                 errstr_size) == 0) {
         rc = 0;
         goto out;
     }

@@ -23,6 +23,9 @@
 #include "metrics.h"
 #include "store.h"
 
+#define WORKER_MAX_MEMBERS 64 /* --consumers at most */
+#define WORKER_MAX_PIPES (WORKER_MAX_MEMBERS + 1)
+
 static volatile sig_atomic_t stop_requested;
 
 static int64_t mono_ms(void)
@@ -94,6 +97,10 @@ static const opt_def_t worker_opts[] = {
      "delete counted events past the window this often (0: never)"},
     {"no-migrate", "TALLY_NO_MIGRATE", OPT_BOOL, "false", 0, 0, NULL, NULL,
      "do not apply pending migrations at start"},
+    {"consumers", "TALLY_CONSUMERS", OPT_INT, "1", 1, WORKER_MAX_MEMBERS,
+     NULL, "N",
+     "members of the token-usage group in this process, each with its own "
+     "Kafka consumer and Postgres connection"},
     {"shutdown-timeout", "TALLY_SHUTDOWN_TIMEOUT", OPT_INT, "30", 1, 3600,
      NULL, "SECONDS",
      "after SIGTERM, exit at the latest this long after it (what was not "
@@ -168,6 +175,8 @@ int migrate_main(int argc, char **argv)
 /* What each pipeline thread needs, and how it ended. */
 typedef struct {
     config_t *cfg;
+    bool usage;  /* token-usage (else cache-invalidation) */
+    int member;  /* token-usage: 1..--consumers */
     const char *topic;
     const char *group;
     char dlq_topic[300];
@@ -175,6 +184,7 @@ typedef struct {
     kafka_consumer_t *kc; /* handed to the pipeline, which closes it */
     int rc;               /* exit code contribution: 0 or 1 */
     atomic_bool done;     /* the thread has ended */
+    char ready_name[64];  /* its /readyz check */
 } pipeline_t;
 
 static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
@@ -198,7 +208,8 @@ static void *usage_thread(void *arg)
 
     gethostname(host, sizeof(host));
     host[sizeof(host) - 1] = '\0';
-    snprintf(owner, sizeof(owner), "%s/%d", host, (int)getpid());
+    snprintf(owner, sizeof(owner), "%s/%d/%d", host, (int)getpid(),
+             pl->member);
     st = store_new(config_str(cfg, "pg-dsn"), config_str(cfg, "group"),
                    owner);
     pl->rc = start_store(st, !config_bool(cfg, "no-migrate"));
@@ -228,6 +239,7 @@ static void *usage_thread(void *arg)
     cc.prune_interval_s = (long)config_int(cfg, "prune-interval");
     cc.store = st;
     cc.dlq = pl->dlq;
+    cc.ready_name = pl->ready_name;
     cc.stop = &stop_requested;
     if (consumer_run(&cc, err, sizeof(err)) == -1) {
         log_error("%s", err);
@@ -284,26 +296,30 @@ static void *invalidation_thread(void *arg)
     return NULL;
 }
 
-/* The consumers of both pipelines, created here at start so that every
- * configuration error librdkafka finds is exit 2 before anything runs.
- * Each pipeline has its own group: librdkafka 2.0.2's cooperative-sticky
- * assignor loops when the members of one group subscribe to different
- * topics (its issue #4783), which one group for both topics would be. */
-static int create_consumers(config_t *cfg, pipeline_t pipes[2],
+/* The pipelines: --consumers members of the token-usage group (each its
+ * own consumer, dead-letter producer, Postgres connection and thread),
+ * and one cache-invalidation pipeline. Their Kafka clients are created
+ * here at start, so that every configuration error librdkafka finds is
+ * exit 2 before anything runs. Each pipeline has its own group:
+ * librdkafka 2.0.2's cooperative-sticky assignor loops when the members
+ * of one group subscribe to different topics (its issue #4783), which one
+ * group for both topics would be. Returns 0 or the exit code. */
+static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
                             char *invalidation_group, size_t size)
 {
     const char *group = config_str(cfg, "group");
     const char *ig = config_str(cfg, "invalidation-group");
+    const char *usage = config_str(cfg, "usage-topic");
+    const char *inval = config_str(cfg, "invalidation-topic");
     const char *inv_defaults[16];
     char err[512];
-    size_t n = 0;
+    size_t k = 0;
 
     if (ig[0])
         snprintf(invalidation_group, size, "%s", ig);
     else
         snprintf(invalidation_group, size, "%s.invalidation", group);
-    if (pipes[0].topic[0] && pipes[1].topic[0] &&
-        !strcmp(invalidation_group, group)) {
+    if (usage[0] && inval[0] && !strcmp(invalidation_group, group)) {
         fprintf(stderr,
                 "tally worker: %s: must differ from --group (%s): one "
                 "group for both topics makes librdkafka 2.0.2 loop in "
@@ -311,23 +327,53 @@ static int create_consumers(config_t *cfg, pipeline_t pipes[2],
                 config_origin(cfg, "invalidation-group"), group);
         return 2;
     }
-    pipes[0].group = group;
-    pipes[1].group = invalidation_group;
     /* Without a committed offset the invalidations start as --start-from
      * says (token-usage positions come from Postgres). */
     for (size_t i = 0; invalidator_kafka_defaults[i]; i++)
-        inv_defaults[n++] = invalidator_kafka_defaults[i];
-    inv_defaults[n++] = "auto.offset.reset";
-    inv_defaults[n++] = config_str(cfg, "start-from");
-    inv_defaults[n] = NULL;
-    for (int i = 0; i < 2; i++) {
-        if (!pipes[i].topic[0])
-            continue;
-        pipes[i].kc = kafka_consumer_new(
-            cfg, config_str(cfg, "brokers"), pipes[i].group,
-            i == 0 ? consumer_kafka_defaults : inv_defaults, err,
-            sizeof(err));
-        if (!pipes[i].kc) {
+        inv_defaults[k++] = invalidator_kafka_defaults[i];
+    inv_defaults[k++] = "auto.offset.reset";
+    inv_defaults[k++] = config_str(cfg, "start-from");
+    inv_defaults[k] = NULL;
+
+    *n = 0;
+    for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers");
+         m++) {
+        pipeline_t *pl = &pipes[(*n)++];
+        pl->usage = true;
+        pl->member = (int)m;
+        pl->topic = usage;
+        pl->group = group;
+        if (config_int(cfg, "consumers") == 1)
+            snprintf(pl->ready_name, sizeof(pl->ready_name), "token-usage");
+        else
+            snprintf(pl->ready_name, sizeof(pl->ready_name),
+                     "token-usage#%d", pl->member);
+        dlq_topic_of(cfg, "usage-dlq-topic", usage, pl->dlq_topic,
+                     sizeof(pl->dlq_topic));
+    }
+    if (inval[0]) {
+        pipeline_t *pl = &pipes[(*n)++];
+        pl->topic = inval;
+        pl->group = invalidation_group;
+        snprintf(pl->ready_name, sizeof(pl->ready_name),
+                 "cache-invalidation");
+        dlq_topic_of(cfg, "invalidation-dlq-topic", inval, pl->dlq_topic,
+                     sizeof(pl->dlq_topic));
+    }
+    for (size_t i = 0; i < *n; i++) {
+        pipeline_t *pl = &pipes[i];
+        pl->cfg = cfg;
+        /* A producer of its own: each pipeline waits for the
+         * acknowledgements of its own dead letters only. */
+        pl->dlq = dead_letter_new(
+            cfg, config_str(cfg, "brokers"),
+            (size_t)config_int(cfg, "max-message-bytes"), err, sizeof(err));
+        if (pl->dlq)
+            pl->kc = kafka_consumer_new(
+                cfg, config_str(cfg, "brokers"), pl->group,
+                pl->usage ? consumer_kafka_defaults : inv_defaults, err,
+                sizeof(err));
+        if (!pl->dlq || !pl->kc) {
             fprintf(stderr, "tally worker: %s\n", err);
             return 2;
         }
@@ -338,11 +384,10 @@ static int create_consumers(config_t *cfg, pipeline_t pipes[2],
 int worker_main(int argc, char **argv)
 {
     config_t cfg;
-    pipeline_t pipes[2];
-    pthread_t threads[2];
-    bool started[2] = {false, false};
-    void *(*runs[2])(void *) = {usage_thread, invalidation_thread};
-    const char *dlq_flags[2] = {"usage-dlq-topic", "invalidation-dlq-topic"};
+    pipeline_t *pipes = calloc(WORKER_MAX_PIPES, sizeof(*pipes));
+    pthread_t threads[WORKER_MAX_PIPES];
+    bool started[WORKER_MAX_PIPES] = {false};
+    size_t n_pipes = 0;
     char err[512], invalidation_group[300];
     struct sigaction sa;
     int64_t stop_seen_ms = 0;
@@ -353,7 +398,8 @@ int worker_main(int argc, char **argv)
         "cache-invalidation events to Redis.",
         worker_opts, N_OPTS(worker_opts), argc, argv);
 
-    memset(pipes, 0, sizeof(pipes));
+    if (!pipes)
+        abort();
     if (rc >= 0)
         goto out;
     rc = 1;
@@ -373,9 +419,8 @@ int worker_main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    pipes[0].topic = config_str(&cfg, "usage-topic");
-    pipes[1].topic = config_str(&cfg, "invalidation-topic");
-    if (!pipes[0].topic[0] && !pipes[1].topic[0]) {
+    if (!config_str(&cfg, "usage-topic")[0] &&
+        !config_str(&cfg, "invalidation-topic")[0]) {
         fprintf(stderr, "tally worker: nothing to consume: --usage-topic "
                         "and --invalidation-topic are both empty\n");
         rc = 2;
@@ -393,34 +438,18 @@ int worker_main(int argc, char **argv)
         rc = 2;
         goto out;
     }
-    for (int i = 0; i < 2; i++) {
-        pipes[i].cfg = &cfg;
-        if (!pipes[i].topic[0])
-            continue;
-        dlq_topic_of(&cfg, dlq_flags[i], pipes[i].topic, pipes[i].dlq_topic,
-                     sizeof(pipes[i].dlq_topic));
-        pipes[i].dlq = dead_letter_new(
-            &cfg, config_str(&cfg, "brokers"),
-            (size_t)config_int(&cfg, "max-message-bytes"), err, sizeof(err));
-        if (!pipes[i].dlq) {
-            fprintf(stderr, "tally worker: %s\n", err);
-            rc = 2;
-            goto out;
-        }
-    }
-    rc = create_consumers(&cfg, pipes, invalidation_group,
+    rc = create_pipelines(&cfg, pipes, &n_pipes, invalidation_group,
                           sizeof(invalidation_group));
     if (rc != 0)
         goto out;
     /* /readyz waits for every pipeline that runs (each starts "not ready:
      * starting" until its first report). */
-    for (int i = 0; i < 2; i++)
-        if (pipes[i].topic[0])
-            metrics_readiness(i == 0 ? "token-usage" : "cache-invalidation");
-    for (int i = 0; i < 2; i++) {
-        if (!pipes[i].topic[0])
-            continue;
-        if (pthread_create(&threads[i], NULL, runs[i], &pipes[i]) != 0) {
+    for (size_t i = 0; i < n_pipes; i++)
+        metrics_readiness(pipes[i].ready_name);
+    for (size_t i = 0; i < n_pipes; i++) {
+        if (pthread_create(&threads[i], NULL,
+                           pipes[i].usage ? usage_thread : invalidation_thread,
+                           &pipes[i]) != 0) {
             log_error("cannot start a thread");
             stop_requested = 1;
             break;
@@ -434,7 +463,7 @@ int worker_main(int argc, char **argv)
      * orchestrator's SIGKILL would come next anyway. */
     for (;;) {
         bool running = false;
-        for (int i = 0; i < 2; i++)
+        for (size_t i = 0; i < n_pipes; i++)
             running |= started[i] && !atomic_load(&pipes[i].done);
         if (!running)
             break;
@@ -453,7 +482,7 @@ int worker_main(int argc, char **argv)
         usleep(50000);
     }
     rc = 0;
-    for (int i = 0; i < 2; i++) {
+    for (size_t i = 0; i < n_pipes; i++) {
         if (!started[i])
             continue;
         pthread_join(threads[i], NULL);
@@ -463,11 +492,12 @@ int worker_main(int argc, char **argv)
     if (rc == 0)
         log_info("stopped cleanly");
 out:
-    for (int i = 0; i < 2; i++) {
+    for (size_t i = 0; i < n_pipes; i++) {
         if (!started[i])
             kafka_consumer_free(pipes[i].kc);
         dead_letter_destroy(pipes[i].dlq);
     }
+    free(pipes);
     metrics_stop();
     config_free(&cfg);
     return rc;
