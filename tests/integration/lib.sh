@@ -106,6 +106,9 @@ it_worker_stop() {
   done
   kill -0 "$pid" 2>/dev/null && fail "worker $name did not stop on SIGTERM"
   wait "$pid" || rc=$?
+  # Reaped: its pid may be reused (pid_max is 32768 and the tests start
+  # thousands of processes), so it_cleanup must not signal it any more.
+  rm -f "$IT_DIR/$name.pid"
   [ "$rc" -eq 0 ] || fail "worker $name exited $rc after SIGTERM"
 }
 
@@ -114,6 +117,7 @@ it_worker_kill9() {
   pid=$(it_worker_pid "$1")
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  rm -f "$IT_DIR/$1.pid" # reaped: see it_worker_stop
 }
 
 # Produces a JSON-lines file to the usage topic, and checks that the

@@ -66,8 +66,14 @@ step "the log shows the back-off and the recovery"
 grep -Eq "retrying in 1 s" "$IT_DIR/w1.log" || fail "no 'retrying in 1 s' in the log"
 grep -Eq "retrying in 2 s" "$IT_DIR/w1.log" ||
   fail "no 'retrying in 2 s' in the log: the back-off does not double"
-grep -Eq "retrying in (16|32|60) s" "$IT_DIR/w1.log" &&
-  fail "the back-off grew past 8 s during ${OUTAGE}s outages (not reset?)"
+# Reset after a recovery: the first retry after the first 'restored' (in
+# the second outage) waits 1 s again. (Not a bound on the largest step:
+# that depends on how long Postgres takes to come back, crash recovery
+# included, which on a loaded machine can reach the 16 s step.)
+first_after=$(sed -n '/postgres connection restored/,$p' "$IT_DIR/w1.log" |
+  grep -Eo "retrying in [0-9]+ s" | head -1)
+[ "$first_after" = "retrying in 1 s" ] ||
+  fail "after Postgres came back the back-off was not reset: '$first_after'"
 n=$(grep -c "postgres connection restored" "$IT_DIR/w1.log" || true)
 [ "$n" -ge 2 ] || fail "'postgres connection restored' logged $n times, expected 2"
 grep -q "will be consumed again from the positions in Postgres" \

@@ -40,18 +40,56 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-step "SQL holds key race-1 uncommitted for 4 s; Kafka brings the same key"
-$PSQL -c "BEGIN;
-  SELECT tally.track_token_usage(tenant_id => 'tr', tokens => 7,
-      token_type => 'llm', operation => 'chat', idempotency_key => 'race-1',
-      occurred_at => '$now');
-  SELECT pg_sleep(4);
-  COMMIT;" >"$IT_DIR/sql.log" 2>&1 &
+step "SQL holds key race-1 uncommitted; Kafka brings the same key"
+# The SQL session is fed through a FIFO so that the test decides when it
+# commits: after its track_token_usage() call is done (the key inserted,
+# uncommitted) the events are produced, and it commits only once the
+# worker's insert waits for it. Then the worker's dedupe check certainly
+# came before the SQL commit and its insert after the SQL insert, however
+# slow the machine (no fixed sleep, no time window to hit).
+mkfifo "$IT_DIR/sql.fifo"
+PGAPPNAME=tally-it-race $PSQL <"$IT_DIR/sql.fifo" >"$IT_DIR/sql.log" 2>&1 &
 sql_pid=$!
-sleep 1
+echo "$sql_pid" >"$IT_DIR/sql.pid"
+IT_WORKERS+=(sql) # killed by it_cleanup if the test fails
+exec 7>"$IT_DIR/sql.fifo"
+cat >&7 <<SQL
+BEGIN;
+SELECT tally.track_token_usage(tenant_id => 'tr', tokens => 7,
+    token_type => 'llm', operation => 'chat', idempotency_key => 'race-1',
+    occurred_at => '$now');
+SQL
+# Waits until the SQL session satisfies CONDITION (on pg_stat_activity):
+# sql_session_wait CONDITION WHAT. Prints its backend pid.
+sql_session_wait() {
+  local got=""
+  for _ in $(seq 1 600); do
+    got=$(it_sql "SELECT pid FROM pg_stat_activity
+                  WHERE application_name = 'tally-it-race' AND ($1)")
+    [ -n "$got" ] && { echo "$got"; return 0; }
+    kill -0 "$sql_pid" 2>/dev/null ||
+      fail "the SQL session ended: $(cat "$IT_DIR/sql.log")"
+    sleep 0.1
+  done
+  fail "after 60s the SQL session is not $2: $(cat "$IT_DIR/sql.log")"
+}
+sql_backend=$(sql_session_wait "state = 'idle in transaction' AND
+  query LIKE '%track_token_usage%'" "done with track_token_usage()")
 { ev tr race-1 1000; ev tr race-2 5; ev tr race-3 6; } >"$IT_DIR/race.jsonl"
 it_produce "$IT_DIR/race.jsonl"
+blocked=""
+for _ in $(seq 1 600); do
+  blocked=$(it_sql "SELECT count(*) FROM pg_stat_activity
+                    WHERE $sql_backend = ANY (pg_blocking_pids(pid))")
+  [ "$blocked" -gt 0 ] && break
+  sleep 0.1
+done
+[ "$blocked" -gt 0 ] ||
+  fail "after 60s no worker insert waits for the SQL session's key race-1"
+printf 'COMMIT;\n\\q\n' >&7
+exec 7>&-
 wait "$sql_pid" || fail "the SQL session failed: $(cat "$IT_DIR/sql.log")"
+rm -f "$IT_DIR/sql.pid"
 it_wait_consumed 3 60
 
 step "race-1 counted once (the SQL call's 7 tokens: it committed first)"
