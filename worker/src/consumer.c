@@ -283,6 +283,8 @@ static void consumer_pg_failed(consumer_t *c, const char *what,
     consumer_update_ready(c);
 }
 
+static void consumer_pg_ok(consumer_t *c);
+
 /* True when Postgres can be used now; reconnects at most once per backoff
  * step. */
 static bool consumer_pg_ready(consumer_t *c)
@@ -298,18 +300,17 @@ static bool consumer_pg_ready(consumer_t *c)
         c->pg_down_logged = true;
         return false;
     }
-    if (c->pg_down_logged)
-        log_info("postgres connection restored");
-    c->pg_down_logged = false;
-    c->pg_backoff_ms = BACKOFF_MIN_MS;
-    c->pg_retry_at_ms = 0;
-    c->pg_seen_ms = now_ms();
-    consumer_update_ready(c);
+    consumer_pg_ok(c);
     return true;
 }
 
+/* Postgres answered (a commit, a claim, a ping): backoff reset, and the
+ * end of an outage logged once, whichever path noticed it. */
 static void consumer_pg_ok(consumer_t *c)
 {
+    if (c->pg_down_logged)
+        log_info("postgres connection restored");
+    c->pg_down_logged = false;
     c->pg_backoff_ms = BACKOFF_MIN_MS;
     c->pg_retry_at_ms = 0;
     c->pg_seen_ms = now_ms();
