@@ -8,7 +8,8 @@
 #  2. builds RelWithDebInfo into build/ and runs there only what needs
 #     an uninstrumented binary: test_worker_dlq.sh and
 #     test_worker_invalidation.sh with the worker under valgrind memcheck
-#     (label valgrind; no invalid access, no leak).
+#     (label valgrind; no invalid access, no leak), and the peak-RSS
+#     test with messages near --max-message-bytes (label rss).
 # About 12 minutes on 2 cores (ASan costs the integration suite next to
 # nothing: it waits on Postgres, the broker and timeouts, not on the worker).
 #   scripts/test.sh
@@ -26,6 +27,6 @@ ctest --test-dir "$here/build-asan" --output-on-failure -j"$(nproc)" \
 echo "== integration tests (ASan + UBSan)"
 ctest --test-dir "$here/build-asan" --output-on-failure -L integration
 unset ASAN_OPTIONS UBSAN_OPTIONS
-echo "== optimised build: integration under valgrind memcheck"
+echo "== optimised build: valgrind memcheck, peak RSS"
 bash "$here/scripts/build.sh" "$here/build"
-ctest --test-dir "$here/build" --output-on-failure -L valgrind
+ctest --test-dir "$here/build" --output-on-failure -L "valgrind|rss"

@@ -57,5 +57,12 @@ if(TALLY_VALGRIND AND NOT TALLY_SANITIZE)
                          RUN_SERIAL TRUE ENVIRONMENT "IT_WORKER_WRAPPER=${vg}")
   endforeach()
 endif()
-tally_worker_test(fault_large)
+# Peak RSS means nothing under ASan (shadow memory, quarantine): in
+# builds without sanitizers only (label rss; scripts/test.sh runs it in
+# its optimised build).
+if(NOT TALLY_SANITIZE)
+  tally_worker_test(fault_large)
+  set_tests_properties(integration_fault_large PROPERTIES
+                       LABELS "integration;rss")
+endif()
 tally_worker_test(ops_scale)

@@ -279,8 +279,17 @@ static void devbroker_command(rd_kafka_mock_cluster_t *mc, int brokers,
                      argv[2], argv[3]);
             return;
         }
-        for (long i = 0; i < cnt; i++)
-            rd_kafka_mock_push_request_errors(mc, (int16_t)api, 1, err);
+        {
+            /* One call: pushing them one by one is quadratic. */
+            rd_kafka_resp_err_t *errs = malloc((size_t)cnt * sizeof(*errs));
+            if (!errs)
+                abort();
+            for (long i = 0; i < cnt; i++)
+                errs[i] = err;
+            rd_kafka_mock_push_request_errors_array(mc, (int16_t)api,
+                                                    (size_t)cnt, errs);
+            free(errs);
+        }
         log_info("control: the next %ld %s requests fail with %s", cnt,
                  argv[1], argv[3]);
     } else if (!strcmp(argv[0], "clear") && argc == 2 &&
