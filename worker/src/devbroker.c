@@ -36,6 +36,8 @@ static const opt_def_t devbroker_opts[] = {
      "Produce, answer ERROR, e.g. NOT_COORDINATOR), 'clear API'"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
+    {"log-format", "TALLY_LOG_FORMAT", OPT_CHOICE, "text", 0, 0, "text|json",
+     "FORMAT", "log lines as text, or one JSON object per line"},
 };
 
 #define DEVBROKER_SUMMARY                                                     \

@@ -27,6 +27,7 @@
 typedef struct {
     bool assigned;
     bool in_batch;
+    metric_t *lag; /* tally_invalidation_lag_messages of this partition */
     int64_t first; /* first offset in the batch: where to rewind to */
     int64_t next;  /* offset after the last one in the batch */
 } inv_part_t;
@@ -56,6 +57,7 @@ typedef struct {
     metrics_ready_t *ready;
     metric_t *rebalances;
     int64_t redis_seen_ms; /* Redis last answered */
+    int64_t lag_ms;        /* lag gauges last updated */
     metric_t *dead_letters[INVALIDATION_ERR__COUNT];
 } invalidator_t;
 
@@ -401,7 +403,9 @@ static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
         error = rd_kafka_incremental_assign(rk, parts);
         for (int i = 0; i < parts->cnt; i++) {
             inv_part_t *p = inv_part(iv, parts->elems[i].partition);
+            metric_t *lag = p->lag; /* the series outlives assignments */
             memset(p, 0, sizeof(*p));
+            p->lag = lag;
             p->assigned = true;
         }
         /* librdkafka keeps a pause across unassign and assign: say what
@@ -421,6 +425,8 @@ static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
             p->in_batch = false;
             dead_letter_forget(iv->conf->dlq, parts->elems[i].partition,
                                INT64_MAX);
+            if (p->lag)
+                metric_set(p->lag, 0); /* its next owner reports it */
         }
         error = rd_kafka_incremental_unassign(rk, parts);
     }
@@ -431,6 +437,47 @@ static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
     for (int32_t i = 0; i < iv->n_parts; i++)
         n += iv->parts[i].assigned;
     metric_set(iv->assigned, n);
+}
+
+/* Every few seconds: per assigned partition, the messages between what
+ * this consumer has read (its position) and the log end, from the
+ * watermarks of librdkafka's last fetch (no broker round trip). */
+static void invalidator_update_lag(invalidator_t *iv)
+{
+    rd_kafka_topic_partition_list_t *l;
+
+    if (now_ms() - iv->lag_ms < PING_MS)
+        return;
+    iv->lag_ms = now_ms();
+    l = rd_kafka_topic_partition_list_new(iv->n_parts + 1);
+    for (int32_t i = 0; i < iv->n_parts; i++)
+        if (iv->parts[i].assigned)
+            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i);
+    if (l->cnt > 0 && rd_kafka_position(iv->rk, l) == 0) {
+        for (int i = 0; i < l->cnt; i++) {
+            inv_part_t *p = &iv->parts[l->elems[i].partition];
+            int64_t lo = -1, hi = -1, lag = 0, pos = l->elems[i].offset;
+            if (!p->lag) {
+                char labels[320];
+                snprintf(labels, sizeof(labels),
+                         "topic=\"%s\",partition=\"%" PRId32 "\"",
+                         iv->conf->topic, l->elems[i].partition);
+                p->lag = metrics_gauge(
+                    "tally_invalidation_lag_messages", strdup(labels),
+                    "messages after the consumed position, per assigned "
+                    "partition");
+            }
+            if (rd_kafka_get_watermark_offsets(
+                    iv->rk, iv->conf->topic, l->elems[i].partition, &lo,
+                    &hi) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+                hi >= 0) {
+                int64_t from = pos >= 0 ? pos : lo;
+                lag = from >= 0 && hi > from ? hi - from : 0;
+            }
+            metric_set(p->lag, lag);
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(l);
 }
 
 /* ---------------------------------------------------------------- */
@@ -507,6 +554,7 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
              now_ms() - iv.batch_opened_ms >= conf->batch_ms))
             invalidator_apply(&iv, false);
         invalidator_ping(&iv);
+        invalidator_update_lag(&iv);
     }
     log_info("cache-invalidation: stopping");
     if (!iv.fatal)

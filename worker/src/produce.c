@@ -44,6 +44,8 @@ static const opt_def_t produce_opts[] = {
      1000000000, NULL, "N", "--validate: largest accepted line, in bytes"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
      "debug|info|warn|error", "LEVEL", "log verbosity"},
+    {"log-format", "TALLY_LOG_FORMAT", OPT_CHOICE, "text", 0, 0, "text|json",
+     "FORMAT", "log lines as text, or one JSON object per line"},
 };
 
 #define PRODUCE_SUMMARY                                                      \
