@@ -23,9 +23,9 @@ GROUP_S=180
 
 # Number of partitions of group g whose last claim was by worker NAME
 # (claims write the claimer's host/pid as the owner).
-owned_by() {
+owned_by() { # owner is "host/pid/member"
   it_sql "SELECT count(*) FROM tally.consumer_offsets
-          WHERE group_id = 'g' AND owner LIKE '%/$(it_worker_pid "$1")'"
+          WHERE group_id = 'g' AND owner LIKE '%/$(it_worker_pid "$1")/%'"
 }
 
 step "generate two sets of $EVENTS events (5% duplicates, 2% implicit keys)"
