@@ -350,3 +350,10 @@ it_free_port() {
   done
   fail "no free port below $lo"
 }
+
+# Terminates the worker's Postgres connections (application_name tally);
+# prints how many.
+it_pg_terminate_workers() {
+  it_sql "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE application_name = 'tally' AND pid <> pg_backend_pid()"
+}

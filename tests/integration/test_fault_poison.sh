@@ -48,8 +48,7 @@ it_produce_trickle "$IT_DIR/events.jsonl" 60 1
 kills=0
 for _ in $(seq 1 12); do
   sleep 1
-  n=$(it_sql "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'tally' AND pid <> pg_backend_pid()")
+  n=$(it_pg_terminate_workers)
   kills=$((kills + n))
 done
 it_trickle_wait

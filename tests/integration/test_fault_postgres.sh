@@ -24,8 +24,7 @@ step "its connections terminated every 2 s for 10 s"
 kills=0
 for _ in $(seq 1 5); do
   sleep 2
-  n=$(it_sql "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'tally' AND pid <> pg_backend_pid()")
+  n=$(it_pg_terminate_workers)
   kills=$((kills + n))
 done
 echo "    $kills connections terminated"
