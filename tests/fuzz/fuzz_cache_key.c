@@ -1,7 +1,7 @@
 /* Fuzz target: the Redis key layout (cache_targets_build, glob escape). */
 #include "cache_key.h"
 #include "fuzz_check.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include <errno.h>
 #include <stdbool.h>

@@ -26,8 +26,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
         }                                                                      \
     } while (0)
 
-/* The error buffer the worker hands the decoders (consumer.c,
- * invalidator.c): messages must fit it whole, as text, since they become
+/* The error buffer the worker hands the decoders (usage_consumer.c,
+ * invalidation_consumer.c): messages must fit it whole, as text, since they become
  * the dead-letter header tally.error.message. */
 #define FUZZ_ERRSTR_SIZE 512
 

@@ -1,6 +1,6 @@
 /* Fuzz target: invalidation_parse against the contract. */
 #include "fuzz_check.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 #include "json_rules.h"
 
 #include <jansson.h>

@@ -74,7 +74,7 @@ curl -fsS "http://$M/metrics" >"$IT_DIR/metrics.txt"
 batches=$(awk '$1 == "tally_usage_batches_total" { print $2 }' "$IT_DIR/metrics.txt")
 for h in tally_usage_batch_messages tally_usage_commit_duration_seconds; do
   grep -q "^# TYPE $h histogram$" "$IT_DIR/metrics.txt" ||
-    fail "no histogram $h (not wired in consumer.c yet?)"
+    fail "no histogram $h (not wired in usage_consumer.c yet?)"
   count=$(awk -v m="${h}_count" '$1 == m { print $2 }' "$IT_DIR/metrics.txt")
   inf=$(awk -v m="${h}_bucket{le=\"+Inf\"}" '$1 == m { print $2 }' "$IT_DIR/metrics.txt")
   [ "$count" = "$batches" ] && [ "$inf" = "$count" ] ||

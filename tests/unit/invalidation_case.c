@@ -1,7 +1,7 @@
 /* Runs one data-driven cache-invalidation case: invalidation_case <dir>. */
 #include "cache_key.h"
 #include "case_dir.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* Unit tests of the cache key layout: patterns, duplicates, isolation. */
 #include "cache_key.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include <errno.h>
 #include <setjmp.h>

@@ -9,7 +9,7 @@
  * (tests/integration/test_cache.sh passes both). */
 #include "cache.h"
 #include "cache_key.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include <hiredis/hiredis.h>
 

@@ -2,7 +2,7 @@
 #ifndef TALLY_CACHE_KEY_H
 #define TALLY_CACHE_KEY_H
 
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include <stdbool.h>
 #include <stddef.h>

@@ -14,7 +14,7 @@
 #include "commands.h"
 #include "config.h"
 #include "log.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 #include "usage_event.h"
 
 #define PRODUCE_PROGRESS_SEC 2.0

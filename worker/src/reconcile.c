@@ -296,7 +296,7 @@ static int report_buckets(PGconn *conn, const char *cmp, const char *kind,
  * itself onto the repaired value. A bucket missing at the snapshot that a
  * worker creates meanwhile is likewise added to, not overwritten.
  * Deadlock-free: rows are locked in the worker's order (upsert_sums_sql
- * in store.c): daily rows ORDER BY tenant_id, day, token_type, operation,
+ * in usage_store.c): daily rows ORDER BY tenant_id, day, token_type, operation,
  * model, agent_id, then monthly rows in the same column order; the
  * deletions only touch rows this transaction holds already. The monthly
  * comparison runs after the daily repair, in a later snapshot, by the
@@ -390,7 +390,7 @@ static bool table_name_ok(const char *s)
 
 /* The comparison with another table (%s: its name as Postgres quotes
  * it; then the allowance in tokens and in percent, as numbers). */
-static const char *const against_fmt =
+static const char against_fmt[] =
     "WITH ours AS (SELECT tenant_id, day, token_type::text AS"
     " token_type, operation::text AS operation, model, agent_id,"
     " tokens FROM tally.token_usage_daily"

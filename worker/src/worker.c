@@ -16,12 +16,12 @@
 #include "cache.h"
 #include "commands.h"
 #include "config.h"
-#include "consumer.h"
+#include "usage_consumer.h"
 #include "dead_letter.h"
-#include "invalidator.h"
+#include "invalidation_consumer.h"
 #include "log.h"
 #include "metrics.h"
-#include "store.h"
+#include "usage_store.h"
 
 #define WORKER_MAX_MEMBERS 64 /* --consumers at most */
 #define WORKER_MAX_PIPES (WORKER_MAX_MEMBERS + 1)
@@ -47,14 +47,14 @@ static const opt_def_t worker_opts[] = {
      "HOST:PORT,...", "Kafka bootstrap servers"},
     {"group", "TALLY_GROUP", OPT_STR, "tally", 1, 0, NULL, "NAME",
      "consumer group of the token-usage pipeline"},
-    {"invalidation-group", "TALLY_INVALIDATION_GROUP", OPT_STR, "", 0, 0,
-     NULL, "NAME",
+    {"invalidation-group", "TALLY_INVALIDATION_GROUP", OPT_STR, "", 0, 0, NULL,
+     "NAME",
      "consumer group of the cache-invalidation pipeline (empty: "
      "<group>.invalidation)"},
     {"pg-dsn", "TALLY_PG_DSN", OPT_STR, "", 0, 0, NULL, "DSN",
      "Postgres conninfo or URI (empty: libpq defaults, PG* variables)"},
-    {"redis-url", "TALLY_REDIS_URL", OPT_STR, "redis://localhost:6379/0", 0,
-     0, NULL, "URL", "Redis for cache invalidation"},
+    {"redis-url", "TALLY_REDIS_URL", OPT_STR, "redis://localhost:6379/0", 0, 0,
+     NULL, "URL", "Redis for cache invalidation"},
     {"metrics-addr", "TALLY_METRICS_ADDR", OPT_STR, "127.0.0.1:9464", 0, 0,
      NULL, "HOST:PORT",
      "/metrics, /healthz, /readyz listener: IPV4:PORT, [IPV6]:PORT or "
@@ -73,36 +73,35 @@ static const opt_def_t worker_opts[] = {
      "PREFIX", "first segment of every Redis cache key"},
     {"notify-channel", "TALLY_NOTIFY_CHANNEL", OPT_STR, "cache:invalidations",
      1, 0, NULL, "CHANNEL", "Redis channel of the invalidation notices"},
-    {"invalidation-batch-size", "TALLY_INVALIDATION_BATCH_SIZE", OPT_INT,
-     "500", 1, 100000, NULL, "N", "invalidations per Redis round at most"},
+    {"invalidation-batch-size", "TALLY_INVALIDATION_BATCH_SIZE", OPT_INT, "500",
+     1, 100000, NULL, "N", "invalidations per Redis round at most"},
     {"invalidation-batch-ms", "TALLY_INVALIDATION_BATCH_MS", OPT_INT, "50", 1,
      60000, NULL, "MS", "apply invalidations at least this often"},
-    {"scan-count", "TALLY_SCAN_COUNT", OPT_INT, "1000", 10, 1000000, NULL,
-     "N", "COUNT hint of the SCAN that finds wildcard keys"},
+    {"scan-count", "TALLY_SCAN_COUNT", OPT_INT, "1000", 10, 1000000, NULL, "N",
+     "COUNT hint of the SCAN that finds wildcard keys"},
     {"start-from", "TALLY_START_FROM", OPT_CHOICE, "earliest", 0, 0,
      "earliest|latest", "WHERE",
      "where a partition with no stored position starts"},
-    {"batch-size", "TALLY_BATCH_SIZE", OPT_INT, "10000", 1, 1000000, NULL,
-     "N", "close a batch after this many messages"},
-    {"batch-bytes", "TALLY_BATCH_BYTES", OPT_INT, "8388608", 1024,
-     1073741824, NULL, "BYTES", "close a batch after this many bytes"},
+    {"batch-size", "TALLY_BATCH_SIZE", OPT_INT, "10000", 1, 1000000, NULL, "N",
+     "close a batch after this many messages"},
+    {"batch-bytes", "TALLY_BATCH_BYTES", OPT_INT, "8388608", 1024, 1073741824,
+     NULL, "BYTES", "close a batch after this many bytes"},
     {"batch-ms", "TALLY_BATCH_MS", OPT_INT, "500", 1, 600000, NULL, "MS",
      "close a batch this long after its first message"},
-    {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL,
-     "DAYS", "dedupe window; older events are rejected"},
+    {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL, "DAYS",
+     "dedupe window; older events are rejected"},
     {"max-message-bytes", "TALLY_MAX_MESSAGE_BYTES", OPT_INT, "1048576", 64,
      104857600, NULL, "BYTES", "larger messages are rejected"},
-    {"prune-interval", "TALLY_PRUNE_INTERVAL", OPT_INT, "3600", 0, 604800,
-     NULL, "SECONDS",
-     "delete counted events past the window this often (0: never)"},
+    {"prune-interval", "TALLY_PRUNE_INTERVAL", OPT_INT, "3600", 0, 604800, NULL,
+     "SECONDS", "delete counted events past the window this often (0: never)"},
     {"no-migrate", "TALLY_NO_MIGRATE", OPT_BOOL, "false", 0, 0, NULL, NULL,
      "do not apply pending migrations at start"},
-    {"consumers", "TALLY_CONSUMERS", OPT_INT, "1", 1, WORKER_MAX_MEMBERS,
-     NULL, "N",
+    {"consumers", "TALLY_CONSUMERS", OPT_INT, "1", 1, WORKER_MAX_MEMBERS, NULL,
+     "N",
      "members of the token-usage group in this process, each with its own "
      "Kafka consumer and Postgres connection"},
-    {"shutdown-timeout", "TALLY_SHUTDOWN_TIMEOUT", OPT_INT, "30", 1, 3600,
-     NULL, "SECONDS",
+    {"shutdown-timeout", "TALLY_SHUTDOWN_TIMEOUT", OPT_INT, "30", 1, 3600, NULL,
+     "SECONDS",
      "after SIGTERM, exit at the latest this long after it (what was not "
      "committed is consumed again)"},
     {"log-level", "TALLY_LOG_LEVEL", OPT_CHOICE, "info", 0, 0,
@@ -153,10 +152,11 @@ int migrate_main(int argc, char **argv)
 {
     config_t cfg;
     store_t *st;
-    int rc = config_parse_command(&cfg, "migrate",
-                           "Apply the sql/ migrations (embedded in the "
-                           "binary) that are not applied yet.",
-                           migrate_opts, N_OPTS(migrate_opts), argc, argv);
+    int rc =
+        config_parse_command(&cfg, "migrate",
+                             "Apply the sql/ migrations (embedded in the "
+                             "binary) that are not applied yet.",
+                             migrate_opts, N_OPTS(migrate_opts), argc, argv);
     if (rc >= 0) {
         config_free(&cfg);
         return rc;
@@ -175,8 +175,8 @@ int migrate_main(int argc, char **argv)
 /* What each pipeline thread needs, and how it ended. */
 typedef struct {
     config_t *cfg;
-    bool usage;  /* token-usage (else cache-invalidation) */
-    int member;  /* token-usage: 1..--consumers */
+    bool usage; /* token-usage (else cache-invalidation) */
+    int member; /* token-usage: 1..--consumers */
     const char *topic;
     const char *group;
     char dlq_topic[300];
@@ -201,17 +201,15 @@ static void *usage_thread(void *arg)
 {
     pipeline_t *pl = arg;
     config_t *cfg = pl->cfg;
-    consumer_conf_t cc;
+    usage_consumer_conf_t cc;
     store_t *st;
     char err[512], owner[256], host[128];
     int stored_days = -1;
 
     gethostname(host, sizeof(host));
     host[sizeof(host) - 1] = '\0';
-    snprintf(owner, sizeof(owner), "%s/%d/%d", host, (int)getpid(),
-             pl->member);
-    st = store_new(config_str(cfg, "pg-dsn"), config_str(cfg, "group"),
-                   owner);
+    snprintf(owner, sizeof(owner), "%s/%d/%d", host, (int)getpid(), pl->member);
+    st = store_new(config_str(cfg, "pg-dsn"), config_str(cfg, "group"), owner);
     pl->rc = start_store(st, !config_bool(cfg, "no-migrate"));
     if (pl->rc != 0 || stop_requested) {
         kafka_consumer_free(pl->kc);
@@ -241,7 +239,7 @@ static void *usage_thread(void *arg)
     cc.dlq = pl->dlq;
     cc.ready_name = pl->ready_name;
     cc.stop = &stop_requested;
-    if (consumer_run(&cc, err, sizeof(err)) == -1) {
+    if (usage_consumer_run(&cc, err, sizeof(err)) == -1) {
         log_error("%s", err);
         pl->rc = 1;
     }
@@ -258,7 +256,7 @@ static void *invalidation_thread(void *arg)
 {
     pipeline_t *pl = arg;
     config_t *cfg = pl->cfg;
-    invalidator_conf_t ic;
+    invalidation_consumer_conf_t ic;
     cache_t *cache;
     char err[512];
 
@@ -286,7 +284,7 @@ static void *invalidation_thread(void *arg)
     ic.cache = cache;
     ic.dlq = pl->dlq;
     ic.stop = &stop_requested;
-    if (invalidator_run(&ic, err, sizeof(err)) == -1) {
+    if (invalidation_consumer_run(&ic, err, sizeof(err)) == -1) {
         log_error("%s", err);
         pl->rc = 1;
         stop_requested = 1;
@@ -329,15 +327,14 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
     }
     /* Without a committed offset the invalidations start as --start-from
      * says (token-usage positions come from Postgres). */
-    for (size_t i = 0; invalidator_kafka_defaults[i]; i++)
-        inv_defaults[k++] = invalidator_kafka_defaults[i];
+    for (size_t i = 0; invalidation_consumer_kafka_defaults[i]; i++)
+        inv_defaults[k++] = invalidation_consumer_kafka_defaults[i];
     inv_defaults[k++] = "auto.offset.reset";
     inv_defaults[k++] = config_str(cfg, "start-from");
     inv_defaults[k] = NULL;
 
     *n = 0;
-    for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers");
-         m++) {
+    for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers"); m++) {
         pipeline_t *pl = &pipes[(*n)++];
         pl->usage = true;
         pl->member = (int)m;
@@ -346,8 +343,8 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
         if (config_int(cfg, "consumers") == 1)
             snprintf(pl->ready_name, sizeof(pl->ready_name), "token-usage");
         else
-            snprintf(pl->ready_name, sizeof(pl->ready_name),
-                     "token-usage#%d", pl->member);
+            snprintf(pl->ready_name, sizeof(pl->ready_name), "token-usage#%d",
+                     pl->member);
         dlq_topic_of(cfg, "usage-dlq-topic", usage, pl->dlq_topic,
                      sizeof(pl->dlq_topic));
     }
@@ -355,8 +352,7 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
         pipeline_t *pl = &pipes[(*n)++];
         pl->topic = inval;
         pl->group = invalidation_group;
-        snprintf(pl->ready_name, sizeof(pl->ready_name),
-                 "cache-invalidation");
+        snprintf(pl->ready_name, sizeof(pl->ready_name), "cache-invalidation");
         dlq_topic_of(cfg, "invalidation-dlq-topic", inval, pl->dlq_topic,
                      sizeof(pl->dlq_topic));
     }
@@ -365,13 +361,13 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
         pl->cfg = cfg;
         /* A producer of its own: each pipeline waits for the
          * acknowledgements of its own dead letters only. */
-        pl->dlq = dead_letter_new(
-            cfg, config_str(cfg, "brokers"),
-            (size_t)config_int(cfg, "max-message-bytes"), err, sizeof(err));
+        pl->dlq = dead_letter_new(cfg, config_str(cfg, "brokers"),
+                                  (size_t)config_int(cfg, "max-message-bytes"),
+                                  err, sizeof(err));
         if (pl->dlq)
             pl->kc = kafka_consumer_new(
                 cfg, config_str(cfg, "brokers"), pl->group,
-                pl->usage ? consumer_kafka_defaults : inv_defaults, err,
+                pl->usage ? usage_consumer_kafka_defaults : inv_defaults, err,
                 sizeof(err));
         if (!pl->dlq || !pl->kc) {
             fprintf(stderr, "tally worker: %s\n", err);
@@ -469,9 +465,8 @@ int worker_main(int argc, char **argv)
             break;
         if (stop_requested && !stop_seen_ms)
             stop_seen_ms = mono_ms();
-        if (stop_seen_ms &&
-            mono_ms() - stop_seen_ms >
-                config_int(&cfg, "shutdown-timeout") * 1000) {
+        if (stop_seen_ms && mono_ms() - stop_seen_ms >
+                                config_int(&cfg, "shutdown-timeout") * 1000) {
             log_error("stop did not finish within --shutdown-timeout (%lld "
                       "s); exiting now (nothing committed is lost, the rest "
                       "is consumed again)",

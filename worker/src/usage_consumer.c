@@ -1,5 +1,5 @@
 /* The token-usage consumer: poll loop, rebalances, batching, commits. */
-#include "consumer.h"
+#include "usage_consumer.h"
 
 #include <inttypes.h>
 #include <pthread.h>
@@ -11,7 +11,7 @@
 
 #include <librdkafka/rdkafka.h>
 
-#include "batch.h"
+#include "usage_batch.h"
 #include "fault.h"
 #include "kafka.h"
 #include "log.h"
@@ -20,8 +20,8 @@
 
 #define BACKOFF_MIN_MS 1000
 #define BACKOFF_MAX_MS 60000
-#define FENCE_RETRY_MS 30000   /* re-claim a fenced partition after this */
-#define ENUM_REFRESH_MS 10000  /* re-read enums on an unknown value */
+#define FENCE_RETRY_MS 30000  /* re-claim a fenced partition after this */
+#define ENUM_REFRESH_MS 10000 /* re-read enums on an unknown value */
 #define DLQ_FLUSH_MS 30000
 #define PROGRESS_MS 10000
 #define PING_MS 5000 /* check Postgres this often while idle */
@@ -41,7 +41,7 @@ typedef struct {
     int64_t next;      /* next offset to process */
     bool in_batch;     /* has messages in the open batch */
     int64_t fenced_at_ms;
-    metric_t *lag;     /* tally_usage_lag_messages of this partition */
+    metric_t *lag; /* tally_usage_lag_messages of this partition */
 } part_t;
 
 typedef struct {
@@ -78,7 +78,7 @@ typedef struct {
 } committer_t;
 
 typedef struct {
-    const consumer_conf_t *conf;
+    const usage_consumer_conf_t *conf;
     rd_kafka_t *rk;
     committer_t com;
     batch_t *spare; /* the other batch buffer, when not with the committer */
@@ -95,9 +95,9 @@ typedef struct {
     int64_t last_prune_ms;
     bool fatal;
     char fatal_error[512];
-    bool synced;         /* a rebalance came: the group has settled once */
+    bool synced; /* a rebalance came: the group has settled once */
     int64_t assigned_reported; /* this member's part of the gauge */
-    int64_t pg_seen_ms;  /* Postgres last answered */
+    int64_t pg_seen_ms;        /* Postgres last answered */
     consumer_metrics_t m;
     int64_t lag_ms; /* lag gauges last updated */
     /* progress */
@@ -128,14 +128,12 @@ static int64_t mono_ns(void)
 
 /* The series are shared by the members of the group in this process
  * (registering one again returns it); gauges are per member where noted. */
-static void consumer_metrics_init(consumer_metrics_t *m,
-                                  const char *ready_name)
+static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
 {
     static const double batch_bounds[] = {1,    10,   100,   500,   1000,
                                           2500, 5000, 10000, 25000, 100000};
-    static const double commit_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025,
-                                           0.05,  0.1,    0.25,  0.5,  1,
-                                           2.5,   5,      10};
+    static const double commit_bounds[] = {
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
     m->batch_messages = metrics_histogram(
         "tally_usage_batch_messages", NULL, "messages per committed batch",
         batch_bounds, sizeof(batch_bounds) / sizeof(*batch_bounds));
@@ -182,21 +180,21 @@ static void consumer_metrics_init(consumer_metrics_t *m,
     m->assigned = metrics_gauge("tally_usage_partitions_assigned", NULL,
                                 "token-usage partitions assigned");
     /* Added in micro- and nanoseconds, rendered in seconds. */
-    m->commit_us = metrics_counter_scaled(
-        "tally_usage_commit_seconds_total", NULL,
-        "time spent committing batches to Postgres", 6);
-    m->parse_ns = metrics_counter_scaled(
-        "tally_usage_parse_seconds_total", NULL,
-        "time spent parsing and validating messages", 9);
+    m->commit_us =
+        metrics_counter_scaled("tally_usage_commit_seconds_total", NULL,
+                               "time spent committing batches to Postgres", 6);
+    m->parse_ns =
+        metrics_counter_scaled("tally_usage_parse_seconds_total", NULL,
+                               "time spent parsing and validating messages", 9);
     m->poll_ns = metrics_counter_scaled(
         "tally_usage_poll_seconds_total", NULL,
         "time spent in the Kafka consumer poll (waiting for messages)", 9);
     m->commit_wait_ns = metrics_counter_scaled(
         "tally_usage_commit_wait_seconds_total", NULL,
         "time the consumer waited for the previous batch's commit", 9);
-    m->skipped = metrics_counter(
-        "tally_usage_messages_skipped_total", NULL,
-        "messages of paused partitions, fetched again later");
+    m->skipped =
+        metrics_counter("tally_usage_messages_skipped_total", NULL,
+                        "messages of paused partitions, fetched again later");
 }
 
 /* ---------------------------------------------------------------- */
@@ -290,8 +288,7 @@ static void consumer_pg_ok(consumer_t *c);
 static bool consumer_pg_ready(consumer_t *c)
 {
     char err[512];
-    if (store_is_connected(c->conf->store) &&
-        now_ms() >= c->pg_retry_at_ms)
+    if (store_is_connected(c->conf->store) && now_ms() >= c->pg_retry_at_ms)
         return true;
     if (now_ms() < c->pg_retry_at_ms)
         return false;
@@ -363,9 +360,8 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
             continue;
         /* "latest" is resolved now and stored, so that a rewind before
          * the first commit comes back here rather than to a later end. */
-        kerr = rd_kafka_query_watermark_offsets(c->rk, c->conf->topic,
-                                                pos[i].partition, &lo, &hi,
-                                                10000);
+        kerr = rd_kafka_query_watermark_offsets(
+            c->rk, c->conf->topic, pos[i].partition, &lo, &hi, 10000);
         if (kerr) {
             consumer_pg_failed(c, "cannot resolve --start-from latest",
                                rd_kafka_err2str(kerr));
@@ -475,9 +471,9 @@ static void *committer_main(void *arg)
         pthread_mutex_unlock(&com->mu);
         {
             int64_t t0 = now_us();
-            com->status = store_commit_batch(com->store, com->batch,
-                                              com->pos, com->n, &com->res,
-                                              com->err, sizeof(com->err));
+            com->status =
+                store_commit_batch(com->store, com->batch, com->pos, com->n,
+                                   &com->res, com->err, sizeof(com->err));
             com->took_us = now_us() - t0;
         }
         pthread_mutex_lock(&com->mu);
@@ -593,11 +589,11 @@ static int consumer_dead_letter_rejected(consumer_t *c, batch_t *batch,
         want[j] = w;
         why[j] = y;
     }
-    if (kafka_fetch_each(c->conf->cfg, c->conf->brokers, c->conf->topic,
-                         want, k, DLQ_FLUSH_MS, consumer_send_rejected, &ctx,
-                         errstr, errstr_size) == -1 ||
-        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, errstr,
-                          errstr_size) == -1)
+    if (kafka_fetch_each(c->conf->cfg, c->conf->brokers, c->conf->topic, want,
+                         k, DLQ_FLUSH_MS, consumer_send_rejected, &ctx, errstr,
+                         errstr_size) == -1 ||
+        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, errstr, errstr_size) ==
+            -1)
         goto out;
     rc = 0;
 out:
@@ -629,8 +625,8 @@ again:
 
     if (com->status == STORE_REJECTED) {
         char err[512];
-        if (consumer_dead_letter_rejected(c, com->batch, err,
-                                          sizeof(err)) == 0) {
+        if (consumer_dead_letter_rejected(c, com->batch, err, sizeof(err)) ==
+            0) {
             /* The same batch and positions, without those events. */
             pthread_mutex_lock(&com->mu);
             com->done = false;
@@ -688,8 +684,7 @@ again:
         log_debug("batch committed: %zu messages, %zu counted, %zu counted "
                   "before, %zu buckets, %zu dead letters, %.1f ms",
                   com->msgs, com->res.counted, com->res.counted_before,
-                  com->res.buckets, com->dlq,
-                  (double)com->took_us / 1000.0);
+                  com->res.buckets, com->dlq, (double)com->took_us / 1000.0);
         for (size_t i = 0; i < com->n; i++) {
             consumer_part(c, com->pos[i].partition)->committed =
                 com->pos[i].next_offset;
@@ -753,8 +748,7 @@ static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
     rd_kafka_resp_err_t err;
 
     for (size_t i = 0; i < n; i++)
-        rd_kafka_topic_partition_list_add(l, pos[i].topic,
-                                          pos[i].partition)
+        rd_kafka_topic_partition_list_add(l, pos[i].topic, pos[i].partition)
             ->offset = pos[i].next_offset;
     /* Postgres is the source of truth; this is for lag tools only. */
     err = rd_kafka_commit(c->rk, l, sync ? 0 : 1);
@@ -780,8 +774,7 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
     if (c->batch_msgs == 0)
         return 0;
     if (c->batch_dlq > 0 &&
-        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) ==
-            -1) {
+        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) == -1) {
         consumer_abandon_batch(c, err);
         /* Kafka trouble: back off before claiming and consuming again. */
         consumer_pg_failed(c, "dead letters not acknowledged", err);
@@ -844,8 +837,7 @@ static void consumer_refresh_enums(consumer_t *c)
     consumer_collect(c, true);
     if (!consumer_pg_ready(c))
         return;
-    if (store_read_enums(c->conf->store, &tt, &ops, err, sizeof(err)) ==
-        -1) {
+    if (store_read_enums(c->conf->store, &tt, &ops, err, sizeof(err)) == -1) {
         log_warn("cannot re-read enums: %s", err);
         return;
     }
@@ -919,8 +911,8 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
     ctx.kafka_timestamp_ms = rd_kafka_message_timestamp(rkm, &tstype);
 
     t0 = mono_ns();
-    reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
-                               sizeof(err));
+    reason =
+        usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err, sizeof(err));
     metric_add(c->m.parse_ns, (uint64_t)(mono_ns() - t0));
     if (reason == USAGE_ERR_UNKNOWN_ENUM &&
         now_ms() - c->enums_read_ms >= ENUM_REFRESH_MS) {
@@ -1010,8 +1002,7 @@ static void consumer_assign(consumer_t *c,
 }
 
 static void consumer_revoke(consumer_t *c,
-                            rd_kafka_topic_partition_list_t *parts,
-                            bool lost)
+                            rd_kafka_topic_partition_list_t *parts, bool lost)
 {
     rd_kafka_error_t *error;
 
@@ -1024,8 +1015,7 @@ static void consumer_revoke(consumer_t *c,
         part_t *p = consumer_part(c, parts->elems[i].partition);
         p->assigned = false;
         p->in_batch = false;
-        dead_letter_forget(c->conf->dlq, parts->elems[i].partition,
-                           INT64_MAX);
+        dead_letter_forget(c->conf->dlq, parts->elems[i].partition, INT64_MAX);
         if (p->lag)
             metric_set(p->lag, 0); /* its next owner reports it */
     }
@@ -1069,15 +1059,22 @@ static void rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
  * value); a larger message still comes, alone (KIP-74). The consumer's
  * message.max.bytes only bounds the requests it sends, and librdkafka
  * wants fetch.max.bytes >= it. */
-const char *const consumer_kafka_defaults[] = {
-    "client.id", "tally-worker",
+const char *const usage_consumer_kafka_defaults[] = {
+    "client.id",
+    "tally-worker",
     /* Out of range (retention passed us): take what is left. */
-    "auto.offset.reset", "earliest",
-    "queued.min.messages", "50000",
-    "queued.max.messages.kbytes", "8192",
-    "message.max.bytes", "65536",
-    "fetch.max.bytes", "65536",
-    "max.partition.fetch.bytes", "65536",
+    "auto.offset.reset",
+    "earliest",
+    "queued.min.messages",
+    "50000",
+    "queued.max.messages.kbytes",
+    "8192",
+    "message.max.bytes",
+    "65536",
+    "fetch.max.bytes",
+    "65536",
+    "max.partition.fetch.bytes",
+    "65536",
     NULL,
 };
 
@@ -1103,8 +1100,8 @@ static void consumer_progress(consumer_t *c)
                  counted,
                  (double)(counted - c->progress_counted) * 1000.0 /
                      (double)(t - c->progress_ms),
-                 metric_get(c->m.dup_batch) + metric_get(c->m.dup_store),
-                 dlq, metric_get(c->m.batches), assigned, paused);
+                 metric_get(c->m.dup_batch) + metric_get(c->m.dup_store), dlq,
+                 metric_get(c->m.batches), assigned, paused);
     c->progress_ms = t;
     c->progress_counted = counted;
 }
@@ -1147,8 +1144,8 @@ static void consumer_update_lag(consumer_t *c)
         if (!p->lag) {
             char labels[320];
             snprintf(labels, sizeof(labels),
-                     "topic=\"%s\",partition=\"%" PRId32 "\"",
-                     c->conf->topic, i);
+                     "topic=\"%s\",partition=\"%" PRId32 "\"", c->conf->topic,
+                     i);
             /* Lives until exit, as the series does; shared by the
              * members of the process (one owns a partition at a time). */
             p->lag = metrics_gauge("tally_usage_lag_messages", strdup(labels),
@@ -1196,12 +1193,12 @@ static void consumer_prune(consumer_t *c)
         c->last_prune_ms = t - c->conf->prune_interval_s * 1000;
     if (deleted > 0)
         log_info("pruned %ld events past the %d-day dedupe window in "
-                 "%" PRId64 " ms", deleted, c->conf->dedupe_days,
-                 now_ms() - t);
+                 "%" PRId64 " ms",
+                 deleted, c->conf->dedupe_days, now_ms() - t);
 }
 
-int consumer_run(const consumer_conf_t *conf, char *errstr,
-                 size_t errstr_size)
+int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
+                       size_t errstr_size)
 {
     consumer_t c;
     int rc = -1;
@@ -1211,10 +1208,9 @@ int consumer_run(const consumer_conf_t *conf, char *errstr,
     c.pg_backoff_ms = BACKOFF_MIN_MS;
     c.progress_ms = now_ms();
     /* The first pruning comes one interval, or a minute, after start. */
-    c.last_prune_ms = now_ms() - conf->prune_interval_s * 1000 +
-                      (conf->prune_interval_s < 60
-                           ? conf->prune_interval_s * 1000
-                           : 60000);
+    c.last_prune_ms =
+        now_ms() - conf->prune_interval_s * 1000 +
+        (conf->prune_interval_s < 60 ? conf->prune_interval_s * 1000 : 60000);
     consumer_metrics_init(&c.m, conf->ready_name);
     c.batch = batch_new(conf->batch_size);
     c.spare = batch_new(conf->batch_size);

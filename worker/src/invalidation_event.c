@@ -1,5 +1,5 @@
 /* Cache-invalidation event: JSON bytes -> validated struct, every rule. */
-#include "invalidation.h"
+#include "invalidation_event.h"
 
 #include "json_rules.h"
 

@@ -1,5 +1,5 @@
 /* The cache-invalidation consumer: poll, validate, apply to Redis, notify. */
-#include "invalidator.h"
+#include "invalidation_consumer.h"
 
 #include <inttypes.h>
 #include <stdbool.h>
@@ -11,7 +11,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include "cache_key.h"
-#include "invalidation.h"
+#include "invalidation_event.h"
 #include "fault.h"
 #include "kafka.h"
 #include "log.h"
@@ -21,7 +21,7 @@
 #define BACKOFF_MAX_MS 60000
 #define DLQ_FLUSH_MS 30000
 #define DATA_TYPE_LABELS_MAX 64 /* distinct data_type label values */
-#define PING_MS 5000 /* check Redis this often while idle */
+#define PING_MS 5000            /* check Redis this often while idle */
 
 /* A partition's part in the open batch. */
 typedef struct {
@@ -39,7 +39,7 @@ typedef struct {
 } inv_item_t;
 
 typedef struct {
-    const invalidator_conf_t *conf;
+    const invalidation_consumer_conf_t *conf;
     rd_kafka_t *rk;
     inv_part_t *parts;
     int32_t n_parts;
@@ -76,15 +76,14 @@ static void invalidator_metrics_init(invalidator_t *iv)
     iv->redis_up = metrics_gauge("tally_redis_up", NULL,
                                  "1 when the Redis connection works");
     iv->ready = metrics_readiness("cache-invalidation");
-    iv->rebalances = metrics_counter(
-        "tally_invalidation_rebalances_total", NULL,
-        "rebalance callbacks (assignments and revocations) of "
-        "cache-invalidation");
+    iv->rebalances =
+        metrics_counter("tally_invalidation_rebalances_total", NULL,
+                        "rebalance callbacks (assignments and revocations) of "
+                        "cache-invalidation");
     iv->redis_errors = metrics_counter(
         "tally_redis_errors_total", NULL,
         "Redis failures (the batch is applied again after a backoff)");
-    iv->assigned = metrics_gauge("tally_invalidation_partitions_assigned",
-                                 NULL,
+    iv->assigned = metrics_gauge("tally_invalidation_partitions_assigned", NULL,
                                  "cache-invalidation partitions assigned");
     for (int r = 1; r < INVALIDATION_ERR__COUNT; r++) {
         snprintf(labels[r], sizeof(labels[r]), "reason=\"%s\"",
@@ -105,8 +104,7 @@ static inv_part_t *inv_part(invalidator_t *iv, int32_t partition)
         inv_part_t *p = realloc(iv->parts, (size_t)n * sizeof(*p));
         if (!p)
             abort();
-        memset(p + iv->n_parts, 0,
-               (size_t)(n - iv->n_parts) * sizeof(*p));
+        memset(p + iv->n_parts, 0, (size_t)(n - iv->n_parts) * sizeof(*p));
         iv->parts = p;
         iv->n_parts = n;
     }
@@ -166,8 +164,8 @@ static void invalidator_fail(invalidator_t *iv, const char *why)
                    1);
     for (int32_t i = 0; i < iv->n_parts; i++)
         if (iv->parts[i].assigned && iv->parts[i].in_batch)
-            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)
-                ->offset = iv->parts[i].first;
+            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)->offset =
+                iv->parts[i].first;
     invalidator_clear(iv);
     invalidator_pause_all(iv, true);
     if (l->cnt > 0) {
@@ -240,14 +238,14 @@ static void invalidator_count(invalidator_t *iv)
                        DATA_TYPE_LABELS_MAX,
                        "invalidations applied to Redis, by data_type"),
                    applied);
+        metric_add(
+            metrics_counter_labeled("tally_invalidation_keys_deleted_total",
+                                    "data_type", dt, DATA_TYPE_LABELS_MAX,
+                                    "keys Redis removed, by data_type"),
+            deleted);
         metric_add(metrics_counter_labeled(
-                       "tally_invalidation_keys_deleted_total", "data_type",
+                       "tally_invalidation_patterns_scanned_total", "data_type",
                        dt, DATA_TYPE_LABELS_MAX,
-                       "keys Redis removed, by data_type"),
-                   deleted);
-        metric_add(metrics_counter_labeled(
-                       "tally_invalidation_patterns_scanned_total",
-                       "data_type", dt, DATA_TYPE_LABELS_MAX,
                        "prefix sets looked up with SCAN, by data_type"),
                    patterns);
     }
@@ -263,9 +261,8 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
 
     if (iv->batch_msgs == 0)
         return 0;
-    if (iv->batch_dlq > 0 &&
-        dead_letter_flush(iv->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) ==
-            -1) {
+    if (iv->batch_dlq > 0 && dead_letter_flush(iv->conf->dlq, DLQ_FLUSH_MS, err,
+                                               sizeof(err)) == -1) {
         invalidator_fail(iv, err);
         return -1;
     }
@@ -310,8 +307,8 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
                  "applied again, which is harmless)",
                  rd_kafka_err2str(kerr));
     rd_kafka_topic_partition_list_destroy(l);
-    log_debug("cache-invalidation: %zu applied, %zu dead letters",
-              iv->n_items, iv->batch_dlq);
+    log_debug("cache-invalidation: %zu applied, %zu dead letters", iv->n_items,
+              iv->batch_dlq);
     invalidator_clear(iv);
     return 0;
 }
@@ -319,8 +316,7 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
 /* ---------------------------------------------------------------- */
 /* Messages                                                           */
 
-static void invalidator_handle(invalidator_t *iv,
-                               const rd_kafka_message_t *rkm)
+static void invalidator_handle(invalidator_t *iv, const rd_kafka_message_t *rkm)
 {
     inv_part_t *p;
     inv_item_t *item;
@@ -347,9 +343,9 @@ static void invalidator_handle(invalidator_t *iv,
     if (iv->batch_msgs++ == 0)
         iv->batch_opened_ms = now_ms();
     item = &iv->items[iv->n_items];
-    reason = invalidation_parse(rkm->payload, rkm->len,
-                                iv->conf->max_message_bytes, &item->inv, err,
-                                sizeof(err));
+    reason =
+        invalidation_parse(rkm->payload, rkm->len, iv->conf->max_message_bytes,
+                           &item->inv, err, sizeof(err));
     if (reason == INVALIDATION_OK &&
         cache_targets_build(&item->inv, iv->conf->cache_prefix,
                             &item->targets) == -1) {
@@ -385,10 +381,8 @@ static void invalidator_handle(invalidator_t *iv,
 /* ---------------------------------------------------------------- */
 /* Rebalances                                                         */
 
-static void inv_rebalance_cb(void *arg, rd_kafka_t *rk,
-                             rd_kafka_resp_err_t err,
-                             rd_kafka_topic_partition_list_t *parts,
-                             bool lost)
+static void inv_rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                             rd_kafka_topic_partition_list_t *parts, bool lost)
 {
     invalidator_t *iv = arg;
     rd_kafka_error_t *error;
@@ -468,8 +462,8 @@ static void invalidator_update_lag(invalidator_t *iv)
                     "partition");
             }
             if (rd_kafka_get_watermark_offsets(
-                    iv->rk, iv->conf->topic, l->elems[i].partition, &lo,
-                    &hi) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+                    iv->rk, iv->conf->topic, l->elems[i].partition, &lo, &hi) ==
+                    RD_KAFKA_RESP_ERR_NO_ERROR &&
                 hi >= 0) {
                 int64_t from = pos >= 0 ? pos : lo;
                 lag = from >= 0 && hi > from ? hi - from : 0;
@@ -483,19 +477,24 @@ static void invalidator_update_lag(invalidator_t *iv)
 /* ---------------------------------------------------------------- */
 /* The loop                                                           */
 
-/* As the token-usage consumer's (consumer.c): small compressed fetches
+/* As the token-usage consumer's (usage_consumer.c): small compressed fetches
  * keep the decompressed data of one response bounded. */
-const char *const invalidator_kafka_defaults[] = {
-    "client.id", "tally-invalidator",
-    "queued.max.messages.kbytes", "2048",
-    "message.max.bytes", "65536",
-    "fetch.max.bytes", "65536",
-    "max.partition.fetch.bytes", "65536",
+const char *const invalidation_consumer_kafka_defaults[] = {
+    "client.id",
+    "tally-invalidator",
+    "queued.max.messages.kbytes",
+    "2048",
+    "message.max.bytes",
+    "65536",
+    "fetch.max.bytes",
+    "65536",
+    "max.partition.fetch.bytes",
+    "65536",
     NULL,
 };
 
-int invalidator_run(const invalidator_conf_t *conf, char *errstr,
-                    size_t errstr_size)
+int invalidation_consumer_run(const invalidation_consumer_conf_t *conf,
+                              char *errstr, size_t errstr_size)
 {
     invalidator_t iv;
     int rc = -1;
@@ -509,8 +508,8 @@ int invalidator_run(const invalidator_conf_t *conf, char *errstr,
     if (!iv.items || !iv.jobs)
         abort(); /* out of memory at start */
     iv.rk = kafka_consumer_rk(conf->kc);
-    if (kafka_consumer_subscribe(conf->kc, conf->topic, inv_rebalance_cb,
-                                 &iv, errstr, errstr_size) == -1)
+    if (kafka_consumer_subscribe(conf->kc, conf->topic, inv_rebalance_cb, &iv,
+                                 errstr, errstr_size) == -1)
         goto out;
     log_info("consuming %s as group %s (Redis keys under %s:, notices on "
              "%s; dead letters to %s)",

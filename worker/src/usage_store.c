@@ -1,5 +1,5 @@
 /* Postgres: migrations, enums, partition claims and batch commits (libpq). */
-#include "store.h"
+#include "usage_store.h"
 
 #include <inttypes.h>
 #include <stdint.h>

@@ -1,6 +1,6 @@
 /* The cache-invalidation consumer: poll, validate, apply to Redis, notify. */
-#ifndef TALLY_INVALIDATOR_H
-#define TALLY_INVALIDATOR_H
+#ifndef TALLY_INVALIDATION_CONSUMER_H
+#define TALLY_INVALIDATION_CONSUMER_H
 
 #include <signal.h>
 #include <stddef.h>
@@ -21,15 +21,15 @@ typedef struct {
     size_t batch_size;        /* invalidations per Redis round at most */
     int batch_ms;
     size_t max_message_bytes;
-    long scan_count;       /* SCAN COUNT */
-    cache_t *cache;        /* borrowed; this thread's own connection */
-    dead_letter_t *dlq;    /* borrowed */
+    long scan_count;    /* SCAN COUNT */
+    cache_t *cache;     /* borrowed; this thread's own connection */
+    dead_letter_t *dlq; /* borrowed */
     volatile sig_atomic_t *stop;
-} invalidator_conf_t;
+} invalidation_consumer_conf_t;
 
 /* librdkafka settings of the invalidation consumer that -X may override,
  * for kafka_consumer_new(); "auto.offset.reset" comes from --start-from. */
-extern const char *const invalidator_kafka_defaults[];
+extern const char *const invalidation_consumer_kafka_defaults[];
 
 /* Consumes `topic` until *stop: each batch of invalidations is applied to
  * Redis, then the notices are published, then the offsets are committed
@@ -37,7 +37,7 @@ extern const char *const invalidator_kafka_defaults[];
  * the partitions are rewound to the batch's first offsets and paused, and
  * it retries with backoff (1 s doubling to 60 s), keeping its membership.
  * Returns 0 on a clean stop, -1 with errstr on a fatal error. */
-int invalidator_run(const invalidator_conf_t *conf, char *errstr,
-                    size_t errstr_size);
+int invalidation_consumer_run(const invalidation_consumer_conf_t *conf,
+                              char *errstr, size_t errstr_size);
 
 #endif

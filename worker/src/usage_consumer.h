@@ -1,6 +1,6 @@
 /* The token-usage consumer: poll loop, rebalances, batching, commits. */
-#ifndef TALLY_CONSUMER_H
-#define TALLY_CONSUMER_H
+#ifndef TALLY_USAGE_CONSUMER_H
+#define TALLY_USAGE_CONSUMER_H
 
 #include <signal.h>
 #include <stddef.h>
@@ -8,11 +8,12 @@
 #include "config.h"
 #include "dead_letter.h"
 #include "kafka.h"
-#include "store.h"
+#include "usage_store.h"
 
 typedef struct {
-    kafka_consumer_t *kc; /* created, not subscribed; consumer_run closes it */
-    const config_t *cfg;  /* -X, for reading refused events again */
+    kafka_consumer_t
+        *kc; /* created, not subscribed; usage_consumer_run closes it */
+    const config_t *cfg; /* -X, for reading refused events again */
     const char *brokers;
     const char *group;
     const char *ready_name; /* its /readyz check, e.g. "token-usage#2" */
@@ -24,21 +25,21 @@ typedef struct {
     int batch_ms;           /* a batch is closed this long after it opened */
     int dedupe_days;
     size_t max_message_bytes;
-    long prune_interval_s; /* 0: never prune the dedupe store */
-    store_t *store;        /* borrowed; this thread's own connection */
-    dead_letter_t *dlq;    /* borrowed */
+    long prune_interval_s;       /* 0: never prune the dedupe store */
+    store_t *store;              /* borrowed; this thread's own connection */
+    dead_letter_t *dlq;          /* borrowed */
     volatile sig_atomic_t *stop; /* set by the signal handler */
-} consumer_conf_t;
+} usage_consumer_conf_t;
 
 /* librdkafka settings of the token-usage consumer (key, value pairs,
  * NULL-terminated) that -X may override; for kafka_consumer_new(). */
-extern const char *const consumer_kafka_defaults[];
+extern const char *const usage_consumer_kafka_defaults[];
 
 /* Consumes `topic` until *stop, then commits the open batch, leaves the
- * group and returns 0. Closes conf->kc in every case. Returns -1 with errstr on a fatal error (bad
- * configuration, a fatal Kafka error). Postgres outages are not fatal:
- * it pauses, backs off and resumes by itself. */
-int consumer_run(const consumer_conf_t *conf, char *errstr,
-                 size_t errstr_size);
+ * group and returns 0. Closes conf->kc in every case. Returns -1 with errstr on
+ * a fatal error (bad configuration, a fatal Kafka error). Postgres outages are
+ * not fatal: it pauses, backs off and resumes by itself. */
+int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
+                       size_t errstr_size);
 
 #endif

@@ -1,12 +1,12 @@
 /* Postgres: migrations, enums, partition claims and batch commits (libpq). */
-#ifndef TALLY_STORE_H
-#define TALLY_STORE_H
+#ifndef TALLY_USAGE_STORE_H
+#define TALLY_USAGE_STORE_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#include "batch.h"
+#include "usage_batch.h"
 #include "usage_event.h"
 
 typedef struct store store_t;

@@ -1,6 +1,6 @@
 /* One batch of token-usage events: dedupe inside it, pre-aggregation. */
-#ifndef TALLY_BATCH_H
-#define TALLY_BATCH_H
+#ifndef TALLY_USAGE_BATCH_H
+#define TALLY_USAGE_BATCH_H
 
 #include <stdbool.h>
 #include <stddef.h>

@@ -1,5 +1,5 @@
 /* One batch of token-usage events: dedupe inside it, pre-aggregation. */
-#include "batch.h"
+#include "usage_batch.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,6 @@
 /* Cache-invalidation event: JSON bytes -> validated struct. */
-#ifndef TALLY_INVALIDATION_H
-#define TALLY_INVALIDATION_H
+#ifndef TALLY_INVALIDATION_EVENT_H
+#define TALLY_INVALIDATION_EVENT_H
 
 #include <stdbool.h>
 #include <stddef.h>
