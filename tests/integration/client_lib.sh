@@ -18,7 +18,7 @@ drive() {
 client_worker_start() {
   CLIENT_METRICS="127.0.0.1:$(it_free_port)"
   it_worker_start w1 --metrics-addr "$CLIENT_METRICS" "$@"
-  it_wait_log w1 "rebalance: assigned [1-9]" 60
+  it_wait_log w1 "rebalance \(token-usage\): assigned [1-9]" 60
 }
 
 # Sum of every series of a metric: client_metric_sum NAME

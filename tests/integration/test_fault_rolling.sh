@@ -31,7 +31,7 @@ tail -n $((KEYS / 2)) "$IT_DIR/inv.jsonl" >"$IT_DIR/inv.after"
 
 worker_args=(--batch-size 2000)
 it_worker_start w0 "${worker_args[@]}"
-it_wait_log w0 "rebalance: assigned [1-9]" 30
+it_wait_log w0 "rebalance \(token-usage\): assigned [1-9]" 30
 it_wait_log w0 "rebalance \(cache-invalidation\): assigned [1-9]" 30
 
 step "usage events and the first $((KEYS / 2)) invalidations in a trickle"

@@ -22,7 +22,7 @@ step "one process with --consumers 3"
 port=$(it_free_port)
 it_worker_start w1 --consumers 3 --metrics-addr "127.0.0.1:$port" "${short[@]}"
 for _ in $(seq 1 300); do
-  n=$(grep -c "rebalance: assigned [1-9]" "$IT_DIR/w1.log" || true)
+  n=$(grep -c "rebalance (token-usage): assigned [1-9]" "$IT_DIR/w1.log" || true)
   [ "$n" -ge 3 ] && break
   sleep 0.1
 done

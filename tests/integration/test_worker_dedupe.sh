@@ -46,7 +46,7 @@ expect_tenant() { # expect_tenant TENANT EVENTS TOKENS WHAT
 # produced before the group settled.
 settled() {
   it_wait_log "$1" "rebalance \(cache-invalidation\): assigned [1-9]" 120
-  it_wait_log "$1" "rebalance: assigned [1-9]" 120
+  it_wait_log "$1" "rebalance \(token-usage\): assigned [1-9]" 120
 }
 
 # ====================================================================

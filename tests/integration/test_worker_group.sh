@@ -51,8 +51,8 @@ it_produce "$IT_DIR/first.jsonl"
 it_worker_start w1 --group g --batch-size 2000
 it_worker_start w2 --group g --batch-size 2000
 it_produce_trickle "$IT_DIR/mid.jsonl" 2000 0.4
-it_wait_log w1 "rebalance: assigned [1-9]" "$GROUP_S"
-it_wait_log w2 "rebalance: assigned [1-9]" "$GROUP_S"
+it_wait_log w1 "rebalance \(token-usage\): assigned [1-9]" "$GROUP_S"
+it_wait_log w2 "rebalance \(token-usage\): assigned [1-9]" "$GROUP_S"
 # Both hold partitions of their own: each was the last to claim some.
 for _ in $(seq 1 $((GROUP_S * 10))); do
   [ "$(owned_by w1)" -gt 0 ] && [ "$(owned_by w2)" -gt 0 ] && break
@@ -111,7 +111,7 @@ it_wait_progress "$(it_committed g)" 60 g >/dev/null
 sleep 2
 step "SIGCONT w3: it must find out that its partitions are gone"
 kill -CONT "$zpid"
-it_wait_log w3 "fenced: another member claimed it|rebalance: revoked [0-9]+ partitions \(lost\)" "$GROUP_S"
+it_wait_log w3 "fenced: another member claimed it|rebalance \(token-usage\): revoked [0-9]+ partitions \(lost\)" "$GROUP_S"
 it_trickle_wait
 it_wait_consumed $((lines1 + lines2)) "$GROUP_S" g
 it_merge_expect "$IT_DIR/expect" "$IT_DIR/expect1" "$IT_DIR/expect2"
@@ -124,7 +124,7 @@ stored=$(it_sql "SELECT count(*) FROM tally.token_usage_events")
 [ "$stored" = "$events" ] || fail "dedupe store has $stored, expected $events"
 
 echo "    what the zombie's log says after SIGCONT:"
-grep -E "fenced|\(lost\)|abandoned|rebalance: " "$IT_DIR/w3.log" |
+grep -E "fenced|\(lost\)|abandoned|rebalance \(token-usage\): " "$IT_DIR/w3.log" |
   sed 's/^/      /' | tail -8
 it_assert_alive w2 "at the end"
 it_assert_alive w3 "at the end"

@@ -485,7 +485,7 @@ it_worker_start w1
 # partitions, so that no commit races the second one's join (a commit
 # refused for a stale generation makes the assignment "lost").
 it_wait_log w1 "rebalance \(cache-invalidation\): assigned [1-9]" 30
-it_wait_log w1 "rebalance: assigned [1-9]" 30
+it_wait_log w1 "rebalance \(token-usage\): assigned [1-9]" 30
 
 step "2. produce the invalidations (applied and hostile, interleaved)"
 it_produce "$IT_DIR/main.jsonl" --topic cache-invalidation

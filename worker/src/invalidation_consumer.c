@@ -1,4 +1,4 @@
-/* The cache-invalidation consumer: poll, validate, apply to Redis, notify. */
+/* The cache-invalidation consumer: batches, Redis, notices, rewinds. */
 #include "invalidation_consumer.h"
 
 #include <inttypes.h>
@@ -6,16 +6,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <librdkafka/rdkafka.h>
 
 #include "cache_key.h"
-#include "invalidation_event.h"
 #include "fault.h"
+#include "invalidation_event.h"
 #include "kafka.h"
 #include "log.h"
 #include "metrics.h"
+#include "pipeline.h"
 
 #define BACKOFF_MIN_MS 1000
 #define BACKOFF_MAX_MS 60000
@@ -23,14 +23,7 @@
 #define DATA_TYPE_LABELS_MAX 64 /* distinct data_type label values */
 #define PING_MS 5000            /* check Redis this often while idle */
 
-/* A partition's part in the open batch. */
-typedef struct {
-    bool assigned;
-    bool in_batch;
-    metric_t *lag; /* tally_invalidation_lag_messages of this partition */
-    int64_t first; /* first offset in the batch: where to rewind to */
-    int64_t next;  /* offset after the last one in the batch */
-} inv_part_t;
+#define now_ms pipeline_now_ms
 
 /* One accepted invalidation of the open batch. */
 typedef struct {
@@ -40,75 +33,42 @@ typedef struct {
 
 typedef struct {
     const invalidation_consumer_conf_t *conf;
-    rd_kafka_t *rk;
-    inv_part_t *parts;
-    int32_t n_parts;
+    pipeline_t pl;
     inv_item_t *items;
     cache_job_t *jobs;
     size_t n_items;
     size_t batch_msgs, batch_dlq;
     int64_t batch_opened_ms;
-    bool redis_down;
-    int64_t retry_at_ms;
-    int backoff_ms;
-    bool fatal;
-    char fatal_error[512];
-    metric_t *messages, *redis_up, *redis_errors, *assigned;
+    bool redis_down; /* waiting for Redis: every partition WAITING */
+    backoff_t redis;
+    metric_t *messages, *redis_up, *redis_errors;
     metrics_ready_t *ready;
-    metric_t *rebalances;
     int64_t redis_seen_ms; /* Redis last answered */
-    int64_t lag_ms;        /* lag gauges last updated */
     metric_t *dead_letters[INVALIDATION_ERR__COUNT];
 } invalidator_t;
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void invalidator_metrics_init(invalidator_t *iv)
 {
-    static char labels[INVALIDATION_ERR__COUNT][64];
     iv->messages = metrics_counter("tally_invalidation_messages_total", NULL,
                                    "cache-invalidation messages consumed");
     iv->redis_up = metrics_gauge("tally_redis_up", NULL,
                                  "1 when the Redis connection works");
     iv->ready = metrics_readiness("cache-invalidation");
-    iv->rebalances =
+    iv->pl.rebalances =
         metrics_counter("tally_invalidation_rebalances_total", NULL,
                         "rebalance callbacks (assignments and revocations) of "
                         "cache-invalidation");
     iv->redis_errors = metrics_counter(
         "tally_redis_errors_total", NULL,
         "Redis failures (the batch is applied again after a backoff)");
-    iv->assigned = metrics_gauge("tally_invalidation_partitions_assigned", NULL,
-                                 "cache-invalidation partitions assigned");
-    for (int r = 1; r < INVALIDATION_ERR__COUNT; r++) {
-        snprintf(labels[r], sizeof(labels[r]), "reason=\"%s\"",
-                 invalidation_reason_code((invalidation_reason_t)r));
-        iv->dead_letters[r] = metrics_counter(
-            "tally_invalidation_dead_letters_total", labels[r],
+    iv->pl.parts.assigned =
+        metrics_gauge("tally_invalidation_partitions_assigned", NULL,
+                      "cache-invalidation partitions assigned");
+    for (int r = 1; r < INVALIDATION_ERR__COUNT; r++)
+        iv->dead_letters[r] = pipeline_reason_counter(
+            "tally_invalidation_dead_letters_total",
+            invalidation_reason_code((invalidation_reason_t)r),
             "invalidations sent to the dead-letter topic, by reason");
-    }
-}
-
-/* The state of `partition` (>= 0), grown on demand. Never NULL. */
-static inv_part_t *inv_part(invalidator_t *iv, int32_t partition)
-{
-    if (partition < 0)
-        abort();
-    if (partition >= iv->n_parts) {
-        int32_t n = partition + 1;
-        inv_part_t *p = realloc(iv->parts, (size_t)n * sizeof(*p));
-        if (!p)
-            abort();
-        memset(p + iv->n_parts, 0, (size_t)(n - iv->n_parts) * sizeof(*p));
-        iv->parts = p;
-        iv->n_parts = n;
-    }
-    return &iv->parts[partition];
 }
 
 /* ---------------------------------------------------------------- */
@@ -121,39 +81,38 @@ static void invalidator_clear(invalidator_t *iv)
     iv->n_items = 0;
     iv->batch_msgs = 0;
     iv->batch_dlq = 0;
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        iv->parts[i].in_batch = false;
+    parts_clear_batch(&iv->pl.parts);
 }
 
-/* Pauses (true) or resumes every assigned partition. */
-static void invalidator_pause_all(invalidator_t *iv, bool pause)
+/* Drops the open batch: its partitions (those still assigned) go back to
+ * their first offsets in it, so that it is read and applied again. A
+ * rewind that fails is fatal: carrying on would skip invalidations. */
+static void invalidator_rewind(invalidator_t *iv)
 {
-    rd_kafka_topic_partition_list_t *l =
-        rd_kafka_topic_partition_list_new(iv->n_parts + 1);
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        if (iv->parts[i].assigned)
-            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i);
-    if (l->cnt > 0) {
-        if (pause)
-            rd_kafka_pause_partitions(iv->rk, l);
-        else
-            rd_kafka_resume_partitions(iv->rk, l);
+    rd_kafka_topic_partition_list_t *l = parts_in_batch(&iv->pl.parts, true);
+    rd_kafka_error_t *error = NULL;
+
+    invalidator_clear(iv);
+    parts_sync(&iv->pl.parts); /* paused before the seek */
+    if (l->cnt > 0)
+        error = kafka_seek_partitions(iv->pl.rk, l, 10000);
+    if (error) {
+        pipeline_fatal(&iv->pl, "cannot rewind %s after a failure: %s",
+                       iv->conf->topic, rd_kafka_error_string(error));
+        rd_kafka_error_destroy(error);
     }
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* The batch could not be applied: nothing of it is committed; its
- * partitions go back to their first offsets in it, and everything waits
- * for Redis (or Kafka) with backoff. */
+/* The batch could not be applied: nothing of it is committed; it is
+ * rewound, and every partition waits for Redis (or Kafka) with backoff. */
 static void invalidator_fail(invalidator_t *iv, const char *why)
 {
-    rd_kafka_topic_partition_list_t *l =
-        rd_kafka_topic_partition_list_new(iv->n_parts + 1);
-    rd_kafka_error_t *error;
+    int waits = backoff_fail(&iv->redis);
 
     log_warn("cache-invalidation: %zu messages not applied (%s); retrying "
              "in %d s",
-             iv->batch_msgs, why, iv->backoff_ms / 1000);
+             iv->batch_msgs, why, waits / 1000);
     metric_add(iv->redis_errors, 1);
     for (size_t i = 0; i < iv->n_items; i++)
         metric_add(metrics_counter_labeled(
@@ -162,28 +121,9 @@ static void invalidator_fail(invalidator_t *iv, const char *why)
                        "invalidations whose application failed and is "
                        "retried, by data_type"),
                    1);
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        if (iv->parts[i].assigned && iv->parts[i].in_batch)
-            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)->offset =
-                iv->parts[i].first;
-    invalidator_clear(iv);
-    invalidator_pause_all(iv, true);
-    if (l->cnt > 0) {
-        error = kafka_seek_partitions(iv->rk, l, 10000);
-        if (error) {
-            /* Cannot rewind: stop rather than skip invalidations. */
-            snprintf(iv->fatal_error, sizeof(iv->fatal_error),
-                     "cannot rewind %s after a failure: %s", iv->conf->topic,
-                     rd_kafka_error_string(error));
-            iv->fatal = true;
-            rd_kafka_error_destroy(error);
-        }
-    }
-    rd_kafka_topic_partition_list_destroy(l);
+    parts_move_all(&iv->pl.parts, PART_ACTIVE, PART_WAITING, why);
+    invalidator_rewind(iv);
     iv->redis_down = true;
-    iv->retry_at_ms = now_ms() + iv->backoff_ms;
-    iv->backoff_ms = iv->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS
-                                                         : iv->backoff_ms * 2;
     metric_set(iv->redis_up, cache_is_connected(iv->conf->cache));
     metrics_set_ready(iv->ready, false, "redis unavailable");
 }
@@ -290,18 +230,18 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
     if (iv->redis_down)
         log_info("cache-invalidation: redis available again");
     iv->redis_down = false;
-    iv->backoff_ms = BACKOFF_MIN_MS;
+    backoff_reset(&iv->redis);
     invalidator_redis_ok(iv);
 
-    l = rd_kafka_topic_partition_list_new(iv->n_parts + 1);
-    for (int32_t i = 0; i < iv->n_parts; i++) {
-        if (!iv->parts[i].in_batch)
-            continue;
-        rd_kafka_topic_partition_list_add(l, iv->conf->topic, i)->offset =
-            iv->parts[i].next;
-        dead_letter_forget(iv->conf->dlq, i, iv->parts[i].next);
+    l = parts_in_batch(&iv->pl.parts, false);
+    for (int i = 0; i < l->cnt; i++) {
+        parts_get(&iv->pl.parts, l->elems[i].partition)->committed =
+            l->elems[i].offset;
+        dead_letter_forget(iv->conf->dlq, l->elems[i].partition,
+                           l->elems[i].offset);
     }
-    kerr = rd_kafka_commit(iv->rk, l, sync ? 0 : 1);
+    kerr = l->cnt > 0 ? rd_kafka_commit(iv->pl.rk, l, sync ? 0 : 1)
+                      : RD_KAFKA_RESP_ERR_NO_ERROR;
     if (kerr && kerr != RD_KAFKA_RESP_ERR__NO_OFFSET)
         log_warn("cache-invalidation: offset commit: %s (the batch may be "
                  "applied again, which is harmless)",
@@ -316,21 +256,15 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
 /* ---------------------------------------------------------------- */
 /* Messages                                                           */
 
-static void invalidator_handle(invalidator_t *iv, const rd_kafka_message_t *rkm)
+static void invalidator_handle(void *arg, const rd_kafka_message_t *rkm)
 {
-    inv_part_t *p;
+    invalidator_t *iv = arg;
+    part_t *p = parts_get(&iv->pl.parts, rkm->partition);
     inv_item_t *item;
     invalidation_reason_t reason;
     char err[512];
 
-    if (rkm->err) {
-        if (rkm->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
-            log_warn("cache-invalidation consumer: %s",
-                     rd_kafka_err2str(rkm->err));
-        return;
-    }
-    p = inv_part(iv, rkm->partition);
-    if (!p->assigned || iv->redis_down)
+    if (p->state != PART_ACTIVE)
         return; /* fetched before a pause or rewind: comes again */
     metric_add(iv->messages, 1);
     /* In the batch before anything can fail, so that a rewind covers
@@ -350,27 +284,18 @@ static void invalidator_handle(invalidator_t *iv, const rd_kafka_message_t *rkm)
         cache_targets_build(&item->inv, iv->conf->cache_prefix,
                             &item->targets) == -1) {
         /* The parser's rules passed, so only ENOMEM gets here. */
-        snprintf(iv->fatal_error, sizeof(iv->fatal_error),
-                 "out of memory building cache keys");
-        iv->fatal = true;
+        pipeline_fatal(&iv->pl, "out of memory building cache keys");
         return;
     }
     if (reason != INVALIDATION_OK) {
-        log_warn("%s [%" PRId32 "] offset %" PRId64 ": rejected (%s): %s",
-                 iv->conf->topic, rkm->partition, rkm->offset,
-                 invalidation_reason_code(reason), err);
-        switch (dead_letter_send(iv->conf->dlq, rkm, iv->conf->dlq_topic,
+        char dlq_err[512];
+        if (pipeline_dead_letter(iv->conf->dlq, iv->conf->dlq_topic, rkm,
                                  invalidation_reason_code(reason), err,
-                                 iv->conf->max_message_bytes, err,
-                                 sizeof(err))) {
-        case -1:
-            invalidator_fail(iv, err); /* rewinds: comes again */
+                                 iv->conf->max_message_bytes,
+                                 iv->dead_letters[reason], dlq_err,
+                                 sizeof(dlq_err)) == -1) {
+            invalidator_fail(iv, dlq_err); /* rewinds: comes again */
             return;
-        case 0:
-            metric_add(iv->dead_letters[reason], 1);
-            break;
-        default:
-            break; /* sent before this rewind: not again */
         }
         iv->batch_dlq++; /* acknowledged before the offsets commit */
     } else {
@@ -381,97 +306,59 @@ static void invalidator_handle(invalidator_t *iv, const rd_kafka_message_t *rkm)
 /* ---------------------------------------------------------------- */
 /* Rebalances                                                         */
 
-static void inv_rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                             rd_kafka_topic_partition_list_t *parts, bool lost)
+static void invalidator_assign(void *arg,
+                               rd_kafka_topic_partition_list_t *parts)
 {
     invalidator_t *iv = arg;
-    rd_kafka_error_t *error;
-    int64_t n = 0;
+    rd_kafka_error_t *error = rd_kafka_incremental_assign(iv->pl.rk, parts);
 
-    metric_add(iv->rebalances, 1);
-    log_info("rebalance (%s): %s %d partitions%s", iv->conf->topic,
-             err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
-                                                         : "revoked",
-             parts->cnt, lost ? " (lost)" : "");
-    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        error = rd_kafka_incremental_assign(rk, parts);
-        for (int i = 0; i < parts->cnt; i++) {
-            inv_part_t *p = inv_part(iv, parts->elems[i].partition);
-            metric_t *lag = p->lag; /* the series outlives assignments */
-            memset(p, 0, sizeof(*p));
-            p->lag = lag;
-            p->assigned = true;
-        }
-        /* librdkafka keeps a pause across unassign and assign: say what
-         * we want either way. */
-        if (iv->redis_down)
-            rd_kafka_pause_partitions(rk, parts);
-        else
-            rd_kafka_resume_partitions(rk, parts);
-    } else {
-        if (lost)
-            invalidator_fail(iv, "partitions lost");
-        else
-            invalidator_apply(iv, true); /* rewinds on failure */
-        for (int i = 0; i < parts->cnt; i++) {
-            inv_part_t *p = inv_part(iv, parts->elems[i].partition);
-            p->assigned = false;
-            p->in_batch = false;
-            dead_letter_forget(iv->conf->dlq, parts->elems[i].partition,
-                               INT64_MAX);
-            if (p->lag)
-                metric_set(p->lag, 0); /* its next owner reports it */
-        }
-        error = rd_kafka_incremental_unassign(rk, parts);
-    }
     if (error) {
         log_error("cache-invalidation: %s", rd_kafka_error_string(error));
         rd_kafka_error_destroy(error);
     }
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        n += iv->parts[i].assigned;
-    metric_set(iv->assigned, n);
+    for (int i = 0; i < parts->cnt; i++) {
+        int32_t partition = parts->elems[i].partition;
+        if (parts_get(&iv->pl.parts, partition)->state != PART_UNASSIGNED)
+            parts_set_state(&iv->pl.parts, partition, PART_UNASSIGNED,
+                            "assigned again");
+        parts_set_state(&iv->pl.parts, partition,
+                        iv->redis_down ? PART_WAITING : PART_ACTIVE,
+                        iv->redis_down ? "assigned; redis unavailable"
+                                       : "assigned");
+    }
+    parts_sync(&iv->pl.parts);
+    parts_report_assigned(&iv->pl.parts);
 }
 
-/* Every few seconds: per assigned partition, the messages between what
- * this consumer has read (its position) and the log end, from the
- * watermarks of librdkafka's last fetch (no broker round trip). */
-static void invalidator_update_lag(invalidator_t *iv)
+static void
+invalidator_revoke(void *arg, rd_kafka_topic_partition_list_t *parts, bool lost)
 {
-    rd_kafka_topic_partition_list_t *l;
+    invalidator_t *iv = arg;
+    rd_kafka_error_t *error;
 
-    if (now_ms() - iv->lag_ms < PING_MS)
-        return;
-    iv->lag_ms = now_ms();
-    l = rd_kafka_topic_partition_list_new(iv->n_parts + 1);
-    for (int32_t i = 0; i < iv->n_parts; i++)
-        if (iv->parts[i].assigned)
-            rd_kafka_topic_partition_list_add(l, iv->conf->topic, i);
-    if (l->cnt > 0 && rd_kafka_position(iv->rk, l) == 0) {
-        for (int i = 0; i < l->cnt; i++) {
-            inv_part_t *p = &iv->parts[l->elems[i].partition];
-            int64_t lo = -1, hi = -1, lag = 0, pos = l->elems[i].offset;
-            if (!p->lag) {
-                char labels[320];
-                snprintf(labels, sizeof(labels),
-                         "topic=\"%s\",partition=\"%" PRId32 "\"",
-                         iv->conf->topic, l->elems[i].partition);
-                p->lag = metrics_gauge(
-                    "tally_invalidation_lag_messages", strdup(labels),
-                    "messages after the consumed position, per assigned "
-                    "partition");
-            }
-            if (rd_kafka_get_watermark_offsets(
-                    iv->rk, iv->conf->topic, l->elems[i].partition, &lo, &hi) ==
-                    RD_KAFKA_RESP_ERR_NO_ERROR &&
-                hi >= 0) {
-                int64_t from = pos >= 0 ? pos : lo;
-                lag = from >= 0 && hi > from ? hi - from : 0;
-            }
-            metric_set(p->lag, lag);
-        }
+    if (!lost)
+        invalidator_apply(iv, true); /* rewinds on failure */
+    for (int i = 0; i < parts->cnt; i++) {
+        int32_t partition = parts->elems[i].partition;
+        if (parts_get(&iv->pl.parts, partition)->state != PART_UNASSIGNED)
+            parts_set_state(&iv->pl.parts, partition, PART_UNASSIGNED,
+                            lost ? "lost" : "revoked");
+        dead_letter_forget(iv->conf->dlq, partition, INT64_MAX);
     }
-    rd_kafka_topic_partition_list_destroy(l);
+    /* Lost: the batch is not applied; what it holds of the partitions
+     * still ours is read again. */
+    if (lost && iv->batch_msgs > 0) {
+        log_warn("cache-invalidation: %zu messages not applied (partitions "
+                 "lost); reading those still assigned again",
+                 iv->batch_msgs);
+        invalidator_rewind(iv);
+    }
+    error = rd_kafka_incremental_unassign(iv->pl.rk, parts);
+    if (error) {
+        log_error("cache-invalidation: %s", rd_kafka_error_string(error));
+        rd_kafka_error_destroy(error);
+    }
+    parts_report_assigned(&iv->pl.parts);
 }
 
 /* ---------------------------------------------------------------- */
@@ -493,84 +380,83 @@ const char *const invalidation_consumer_kafka_defaults[] = {
     NULL,
 };
 
+/* Before each poll: while Redis is down, try it again when the backoff
+ * says so, and resume every partition once it answers. */
+static int invalidator_prepare(void *arg)
+{
+    invalidator_t *iv = arg;
+    char err[512];
+
+    if (!iv->redis_down || backoff_waiting(&iv->redis))
+        return 100;
+    if (cache_connect(iv->conf->cache, err, sizeof(err)) == 0) {
+        log_info("cache-invalidation: redis reachable, resuming");
+        iv->redis_down = false;
+        backoff_reset(&iv->redis);
+        invalidator_redis_ok(iv);
+        parts_move_all(&iv->pl.parts, PART_WAITING, PART_ACTIVE,
+                       "redis reachable");
+        parts_sync(&iv->pl.parts);
+    } else {
+        int waits = backoff_fail(&iv->redis);
+        log_warn("cache-invalidation: %s; retrying in %d s", err, waits / 1000);
+    }
+    return 100;
+}
+
+static void invalidator_tick(void *arg)
+{
+    invalidator_t *iv = arg;
+    if (iv->batch_msgs > 0 &&
+        (iv->batch_msgs >= iv->conf->batch_size ||
+         now_ms() - iv->batch_opened_ms >= iv->conf->batch_ms))
+        invalidator_apply(iv, false);
+    invalidator_ping(iv);
+    parts_update_lag(&iv->pl.parts, PING_MS);
+}
+
+static void invalidator_finish(void *arg, bool fatal)
+{
+    invalidator_t *iv = arg;
+    if (!fatal)
+        invalidator_apply(iv, true);
+}
+
+static const pipeline_ops_t invalidator_ops = {
+    .prepare = invalidator_prepare,
+    .handle = invalidator_handle,
+    .tick = invalidator_tick,
+    .assign = invalidator_assign,
+    .revoke = invalidator_revoke,
+    .finish = invalidator_finish,
+};
+
 int invalidation_consumer_run(const invalidation_consumer_conf_t *conf,
                               char *errstr, size_t errstr_size)
 {
     invalidator_t iv;
-    int rc = -1;
+    int rc;
 
     memset(&iv, 0, sizeof(iv));
     iv.conf = conf;
-    iv.backoff_ms = BACKOFF_MIN_MS;
+    pipeline_init(&iv.pl, conf->kc, conf->topic, &invalidator_ops, &iv,
+                  conf->stop, "tally_invalidation_lag_messages",
+                  "messages after the committed position, per assigned "
+                  "partition");
+    backoff_init(&iv.redis, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
     invalidator_metrics_init(&iv);
     iv.items = calloc(conf->batch_size, sizeof(*iv.items));
     iv.jobs = calloc(conf->batch_size, sizeof(*iv.jobs));
     if (!iv.items || !iv.jobs)
         abort(); /* out of memory at start */
-    iv.rk = kafka_consumer_rk(conf->kc);
-    if (kafka_consumer_subscribe(conf->kc, conf->topic, inv_rebalance_cb, &iv,
-                                 errstr, errstr_size) == -1)
-        goto out;
     log_info("consuming %s as group %s (Redis keys under %s:, notices on "
              "%s; dead letters to %s)",
              conf->topic, conf->group, conf->cache_prefix, conf->channel,
              conf->dlq_topic);
-
-    while (!*conf->stop && !iv.fatal) {
-        rd_kafka_message_t *rkm;
-
-        if (iv.redis_down && now_ms() >= iv.retry_at_ms) {
-            char e[512];
-            if (cache_connect(conf->cache, e, sizeof(e)) == 0) {
-                log_info("cache-invalidation: redis reachable, resuming");
-                iv.redis_down = false;
-                invalidator_redis_ok(&iv);
-                invalidator_pause_all(&iv, false);
-            } else {
-                log_warn("cache-invalidation: %s; retrying in %d s", e,
-                         iv.backoff_ms / 1000);
-                iv.retry_at_ms = now_ms() + iv.backoff_ms;
-                iv.backoff_ms = iv.backoff_ms * 2 > BACKOFF_MAX_MS
-                                    ? BACKOFF_MAX_MS
-                                    : iv.backoff_ms * 2;
-            }
-        }
-        rkm = rd_kafka_consumer_poll(iv.rk, 100);
-        if (rkm) {
-            if (rkm->err == RD_KAFKA_RESP_ERR__FATAL) {
-                char reason[256];
-                rd_kafka_fatal_error(iv.rk, reason, sizeof(reason));
-                snprintf(iv.fatal_error, sizeof(iv.fatal_error),
-                         "fatal kafka error: %s", reason);
-                iv.fatal = true;
-            } else {
-                invalidator_handle(&iv, rkm);
-            }
-            rd_kafka_message_destroy(rkm);
-        }
-        if (iv.batch_msgs > 0 &&
-            (iv.batch_msgs >= conf->batch_size ||
-             now_ms() - iv.batch_opened_ms >= conf->batch_ms))
-            invalidator_apply(&iv, false);
-        invalidator_ping(&iv);
-        invalidator_update_lag(&iv);
-    }
-    log_info("cache-invalidation: stopping");
-    if (!iv.fatal)
-        invalidator_apply(&iv, true);
-    kafka_consumer_close(conf->kc); /* the last revocation comes here */
-    iv.rk = NULL;
-    if (iv.fatal) {
-        snprintf(errstr, errstr_size, "%s", iv.fatal_error);
-        goto out;
-    }
-    rc = 0;
-out:
-    if (iv.rk)
-        kafka_consumer_close(conf->kc);
+    rc = pipeline_run(&iv.pl, errstr, errstr_size);
     invalidator_clear(&iv);
     free(iv.items);
     free(iv.jobs);
-    free(iv.parts);
+    parts_free(&iv.pl.parts);
     return rc;
 }

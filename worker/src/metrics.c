@@ -32,7 +32,7 @@ typedef enum {
 struct metric {
     const char *name;
     const char *labels;
-    char *owned_labels; /* labels of a run-time series, freed never */
+    char *owned_labels; /* its copy of the labels, freed never */
     const char *help;
     metric_kind_t kind;
     unsigned decimals; /* counters: rendered value / 10^decimals */
@@ -93,7 +93,13 @@ static metric_t *metrics_register_locked(const char *name,
         abort(); /* a programming error: raise METRICS_MAX */
     m = &metrics[n_metrics];
     m->name = name;
-    m->labels = labels;
+    m->labels = NULL;
+    if (labels) {
+        m->owned_labels = strdup(labels);
+        if (!m->owned_labels)
+            abort(); /* at registration: start-up or a new partition */
+        m->labels = m->owned_labels;
+    }
     m->help = help;
     m->kind = kind;
     atomic_init(&m->value, 0);
@@ -158,9 +164,7 @@ metric_t *metrics_counter_labeled(const char *name, const char *key,
                    : metrics_counter_labeled(name, key, "other",
                                              max_values + 1, help);
     }
-    m = metrics_register_locked(name, NULL, help, METRIC_COUNTER);
-    m->owned_labels = strdup(labels);
-    m->labels = m->owned_labels;
+    m = metrics_register_locked(name, labels, help, METRIC_COUNTER);
 out:
     pthread_mutex_unlock(&metrics_lock);
     return m;

@@ -10,8 +10,8 @@ typedef struct metric metric_t;
 typedef struct metrics_ready metrics_ready_t;
 
 /* Registers a series (thread-safe).
- * `labels` is NULL or the label set, e.g. "reason=\"too_old\"" (kept, not
- * copied: a literal or static storage). Series with one name share its
+ * `labels` is NULL or the label set, e.g. "reason=\"too_old\"" (copied
+ * when the series is new). Series with one name share its
  * HELP line (the first non-NULL `help`) and are rendered together. Returns
  * a handle that lives until exit; never NULL. */
 metric_t *metrics_counter(const char *name, const char *labels,

@@ -1,8 +1,7 @@
-/* The token-usage consumer: poll loop, rebalances, batching, commits. */
+/* The token-usage consumer: claims, batches, commits, rebalances. */
 #include "usage_consumer.h"
 
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,11 +10,13 @@
 
 #include <librdkafka/rdkafka.h>
 
-#include "usage_batch.h"
 #include "fault.h"
 #include "kafka.h"
 #include "log.h"
 #include "metrics.h"
+#include "pipeline.h"
+#include "usage_batch.h"
+#include "usage_committer.h"
 #include "usage_event.h"
 
 #define BACKOFF_MIN_MS 1000
@@ -26,91 +27,35 @@
 #define PROGRESS_MS 10000
 #define PING_MS 5000 /* check Postgres this often while idle */
 
-/* Where a partition stands. */
-typedef enum {
-    PART_CLAIMING, /* paused: its position must be read from Postgres */
-    PART_ACTIVE,   /* consuming from `next` */
-    PART_FENCED,   /* another member claimed it: paused until revoked */
-} part_state_t;
-
-typedef struct {
-    bool assigned;
-    part_state_t state;
-    int64_t epoch;     /* our claim's fencing token */
-    int64_t committed; /* next offset per Postgres (or a logical offset) */
-    int64_t next;      /* next offset to process */
-    bool in_batch;     /* has messages in the open batch */
-    int64_t fenced_at_ms;
-    metric_t *lag; /* tally_usage_lag_messages of this partition */
-} part_t;
-
 typedef struct {
     metric_t *messages, *counted, *dup_batch, *dup_store, *conflicts;
     metric_t *dead_letters[USAGE_ERR__COUNT];
-    metric_t *batches, *batch_failures, *fenced, *pg_up, *assigned;
+    metric_t *batches, *batch_failures, *fenced, *pg_up;
     metric_t *commit_us, *skipped, *store_rejected;
-    metric_t *parse_ns, *poll_ns, *commit_wait_ns;
-    metric_t *batch_messages, *commit_duration, *rebalances;
+    metric_t *parse_ns, *commit_wait_ns;
+    metric_t *batch_messages, *commit_duration;
     metrics_ready_t *ready;
 } consumer_metrics_t;
 
-/* The committer thread: commits one sealed batch while the main thread
- * fills the next. Depth one: a batch is handed over only after the
- * previous one's result was collected, so commits stay in offset order.
- * While a job is out, only the committer touches the store. */
-typedef struct {
-    pthread_t thread;
-    bool started;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool busy; /* handed over and not collected yet */
-    bool done; /* result ready */
-    bool quit;
-    store_t *store;
-    batch_t *batch;
-    store_position_t *pos;
-    size_t n;
-    size_t msgs, dlq;
-    store_status_t status;
-    store_batch_result_t res;
-    int64_t took_us;
-    char err[512];
-} committer_t;
-
 typedef struct {
     const usage_consumer_conf_t *conf;
-    rd_kafka_t *rk;
-    committer_t com;
-    batch_t *spare; /* the other batch buffer, when not with the committer */
-    part_t *parts;
-    int32_t n_parts;
-    batch_t *batch;
+    pipeline_t pl;
+    committer_t *com;
+    committer_job_t job; /* with the committer while it is busy */
+    batch_t *batch;      /* the open batch */
+    batch_t *spare;      /* the other buffer, when not with the committer */
     size_t batch_msgs, batch_bytes, batch_dlq;
     int64_t batch_opened_ms;
-    int64_t pg_retry_at_ms;
-    int pg_backoff_ms;
+    backoff_t pg; /* Postgres failed: wait before using it again */
     bool pg_down_logged;
+    int64_t pg_seen_ms; /* Postgres last answered */
     usage_enum_t token_types, operations;
     int64_t enums_read_ms;
     int64_t last_prune_ms;
-    bool fatal;
-    char fatal_error[512];
-    bool synced; /* a rebalance came: the group has settled once */
-    int64_t assigned_reported; /* this member's part of the gauge */
-    int64_t pg_seen_ms;        /* Postgres last answered */
     consumer_metrics_t m;
-    int64_t lag_ms; /* lag gauges last updated */
-    /* progress */
     int64_t progress_ms;
     int64_t progress_counted;
 } consumer_t;
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int64_t now_us(void)
 {
@@ -119,17 +64,13 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
+#define now_ms pipeline_now_ms
 
 /* The series are shared by the members of the group in this process
  * (registering one again returns it); gauges are per member where noted. */
-static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
+static void consumer_metrics_init(consumer_t *c)
 {
+    consumer_metrics_t *m = &c->m;
     static const double batch_bounds[] = {1,    10,   100,   500,   1000,
                                           2500, 5000, 10000, 25000, 100000};
     static const double commit_bounds[] = {
@@ -141,11 +82,10 @@ static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
         "tally_usage_commit_duration_seconds", NULL,
         "duration of a batch's Postgres transaction", commit_bounds,
         sizeof(commit_bounds) / sizeof(*commit_bounds));
-    m->ready = metrics_readiness(ready_name);
-    m->rebalances = metrics_counter(
+    m->ready = metrics_readiness(c->conf->ready_name);
+    c->pl.rebalances = metrics_counter(
         "tally_usage_rebalances_total", NULL,
         "rebalance callbacks (assignments and revocations) of token-usage");
-    static char labels[USAGE_ERR__COUNT][64];
     m->messages = metrics_counter("tally_usage_messages_total", NULL,
                                   "token-usage messages consumed");
     m->counted = metrics_counter("tally_usage_events_counted_total", NULL,
@@ -158,15 +98,13 @@ static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
     m->conflicts = metrics_counter(
         "tally_usage_conflicts_total", NULL,
         "duplicates whose payload differed from the first (first wins)");
-    for (int r = 1; r < USAGE_ERR__COUNT; r++) {
-        snprintf(labels[r], sizeof(labels[r]), "reason=\"%s\"",
-                 usage_reason_code((usage_reason_t)r));
-        m->dead_letters[r] = metrics_counter(
-            "tally_usage_dead_letters_total", labels[r],
+    for (int r = 1; r < USAGE_ERR__COUNT; r++)
+        m->dead_letters[r] = pipeline_reason_counter(
+            "tally_usage_dead_letters_total",
+            usage_reason_code((usage_reason_t)r),
             "messages sent to the dead-letter topic, by reason");
-    }
-    m->store_rejected = metrics_counter("tally_usage_dead_letters_total",
-                                        "reason=\"store_rejected\"", NULL);
+    m->store_rejected = pipeline_reason_counter(
+        "tally_usage_dead_letters_total", "store_rejected", NULL);
     m->batches = metrics_counter("tally_usage_batches_total", NULL,
                                  "batches committed to Postgres");
     m->batch_failures = metrics_counter(
@@ -177,8 +115,9 @@ static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
         "commits refused because another member claimed a partition");
     m->pg_up = metrics_gauge("tally_postgres_up", NULL,
                              "1 when the Postgres connection works");
-    m->assigned = metrics_gauge("tally_usage_partitions_assigned", NULL,
-                                "token-usage partitions assigned");
+    c->pl.parts.assigned =
+        metrics_gauge("tally_usage_partitions_assigned", NULL,
+                      "token-usage partitions assigned");
     /* Added in micro- and nanoseconds, rendered in seconds. */
     m->commit_us =
         metrics_counter_scaled("tally_usage_commit_seconds_total", NULL,
@@ -186,7 +125,7 @@ static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
     m->parse_ns =
         metrics_counter_scaled("tally_usage_parse_seconds_total", NULL,
                                "time spent parsing and validating messages", 9);
-    m->poll_ns = metrics_counter_scaled(
+    c->pl.poll_ns = metrics_counter_scaled(
         "tally_usage_poll_seconds_total", NULL,
         "time spent in the Kafka consumer poll (waiting for messages)", 9);
     m->commit_wait_ns = metrics_counter_scaled(
@@ -198,25 +137,7 @@ static void consumer_metrics_init(consumer_metrics_t *m, const char *ready_name)
 }
 
 /* ---------------------------------------------------------------- */
-/* Partitions                                                         */
-
-/* The state of `partition` (>= 0: librdkafka's partitions always are),
- * grown on demand. Never NULL. */
-static part_t *consumer_part(consumer_t *c, int32_t partition)
-{
-    if (partition < 0)
-        abort();
-    if (partition >= c->n_parts) {
-        int32_t n = partition + 1;
-        part_t *p = realloc(c->parts, (size_t)n * sizeof(*p));
-        if (!p)
-            abort();
-        memset(p + c->n_parts, 0, (size_t)(n - c->n_parts) * sizeof(*p));
-        c->parts = p;
-        c->n_parts = n;
-    }
-    return &c->parts[partition];
-}
+/* Readiness and Postgres availability                                */
 
 static int64_t consumer_start_offset(const consumer_t *c)
 {
@@ -230,75 +151,23 @@ static int64_t consumer_start_offset(const consumer_t *c)
  * settled) and Postgres answers. */
 static void consumer_update_ready(consumer_t *c)
 {
-    bool pg = store_is_connected(c->conf->store) && c->pg_retry_at_ms == 0;
+    bool pg = store_is_connected(c->conf->store) && c->pg.retry_at_ms == 0;
     metric_set(c->m.pg_up, pg);
     if (!pg)
         metrics_set_ready(c->m.ready, false, "postgres unavailable");
-    else if (!c->synced)
+    else if (!c->pl.synced)
         metrics_set_ready(c->m.ready, false,
                           "waiting for a partition assignment");
     else
         metrics_set_ready(c->m.ready, true, NULL);
 }
 
-static void consumer_update_assigned_gauge(consumer_t *c)
-{
-    int64_t n = 0;
-    for (int32_t i = 0; i < c->n_parts; i++)
-        n += c->parts[i].assigned;
-    /* The gauge is the sum over the members: add this one's change. */
-    metric_add(c->m.assigned, (uint64_t)(n - c->assigned_reported));
-    c->assigned_reported = n;
-    c->synced = true; /* called from the rebalance callback */
-    consumer_update_ready(c);
-}
-
-/* Pauses the partitions in state `state`, e.g. after a failed batch. */
-static void consumer_pause_state(consumer_t *c, part_state_t state)
-{
-    rd_kafka_topic_partition_list_t *l =
-        rd_kafka_topic_partition_list_new(c->n_parts);
-    for (int32_t i = 0; i < c->n_parts; i++)
-        if (c->parts[i].assigned && c->parts[i].state == state)
-            rd_kafka_topic_partition_list_add(l, c->conf->topic, i);
-    if (l->cnt > 0)
-        rd_kafka_pause_partitions(c->rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
-}
-
-/* ---------------------------------------------------------------- */
-/* Postgres availability                                              */
-
 static void consumer_pg_failed(consumer_t *c, const char *what,
                                const char *error)
 {
-    int64_t t = now_ms();
-    log_warn("%s: %s; retrying in %d s", what, error, c->pg_backoff_ms / 1000);
-    c->pg_retry_at_ms = t + c->pg_backoff_ms;
-    c->pg_backoff_ms *= 2;
-    if (c->pg_backoff_ms > BACKOFF_MAX_MS)
-        c->pg_backoff_ms = BACKOFF_MAX_MS;
+    int waits = backoff_fail(&c->pg);
+    log_warn("%s: %s; retrying in %d s", what, error, waits / 1000);
     consumer_update_ready(c);
-}
-
-static void consumer_pg_ok(consumer_t *c);
-
-/* True when Postgres can be used now; reconnects at most once per backoff
- * step. */
-static bool consumer_pg_ready(consumer_t *c)
-{
-    char err[512];
-    if (store_is_connected(c->conf->store) && now_ms() >= c->pg_retry_at_ms)
-        return true;
-    if (now_ms() < c->pg_retry_at_ms)
-        return false;
-    if (store_connect(c->conf->store, err, sizeof(err)) == -1) {
-        consumer_pg_failed(c, "postgres unavailable", err);
-        c->pg_down_logged = true;
-        return false;
-    }
-    consumer_pg_ok(c);
-    return true;
 }
 
 /* Postgres answered (a commit, a claim, a ping): backoff reset, and the
@@ -308,10 +177,27 @@ static void consumer_pg_ok(consumer_t *c)
     if (c->pg_down_logged)
         log_info("postgres connection restored");
     c->pg_down_logged = false;
-    c->pg_backoff_ms = BACKOFF_MIN_MS;
-    c->pg_retry_at_ms = 0;
+    backoff_reset(&c->pg);
     c->pg_seen_ms = now_ms();
     consumer_update_ready(c);
+}
+
+/* True when Postgres can be used now; reconnects at most once per backoff
+ * step. */
+static bool consumer_pg_ready(consumer_t *c)
+{
+    char err[512];
+    if (backoff_waiting(&c->pg))
+        return false;
+    if (store_is_connected(c->conf->store))
+        return true;
+    if (store_connect(c->conf->store, err, sizeof(err)) == -1) {
+        consumer_pg_failed(c, "postgres unavailable", err);
+        c->pg_down_logged = true;
+        return false;
+    }
+    consumer_pg_ok(c);
+    return true;
 }
 
 static bool consumer_collect(consumer_t *c, bool wait);
@@ -319,9 +205,9 @@ static bool consumer_collect(consumer_t *c, bool wait);
 /* ---------------------------------------------------------------- */
 /* Claims: positions come from Postgres, never from Kafka              */
 
-/* Claims the partitions of `l` (all in state CLAIMING) and sets their
- * offsets in `l` to where to resume. Returns 0, or -1 (Postgres down or
- * failed; they stay CLAIMING). */
+/* Claims the partitions of `l` (all in state CLAIMING), makes them
+ * ACTIVE and sets their offsets in `l` to where to resume. Returns 0, or
+ * -1 (Postgres down or failed; they stay CLAIMING). */
 static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
 {
     store_position_t *pos = NULL;
@@ -334,7 +220,8 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
     consumer_collect(c, true); /* the store is ours from here */
     for (int i = 0; i < l->cnt; i++) {
         /* Fenced meanwhile: our view of the group is stale; wait. */
-        if (consumer_part(c, l->elems[i].partition)->state != PART_CLAIMING)
+        if (parts_get(&c->pl.parts, l->elems[i].partition)->state !=
+            PART_CLAIMING)
             return -1;
     }
     if (!consumer_pg_ready(c))
@@ -361,7 +248,7 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
         /* "latest" is resolved now and stored, so that a rewind before
          * the first commit comes back here rather than to a later end. */
         kerr = rd_kafka_query_watermark_offsets(
-            c->rk, c->conf->topic, pos[i].partition, &lo, &hi, 10000);
+            c->pl.rk, c->conf->topic, pos[i].partition, &lo, &hi, 10000);
         if (kerr) {
             consumer_pg_failed(c, "cannot resolve --start-from latest",
                                rd_kafka_err2str(kerr));
@@ -380,12 +267,12 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
         resolved[i] = true;
     }
     for (int i = 0; i < l->cnt; i++) {
-        part_t *p = consumer_part(c, pos[i].partition);
+        part_t *p = parts_get(&c->pl.parts, pos[i].partition);
+        parts_set_state(&c->pl.parts, pos[i].partition, PART_ACTIVE, "claimed");
         p->epoch = pos[i].epoch;
         p->committed = pos[i].next_offset >= 0 ? pos[i].next_offset
                                                : consumer_start_offset(c);
         p->next = pos[i].next_offset >= 0 ? pos[i].next_offset : 0;
-        p->state = PART_ACTIVE;
         p->in_batch = false;
         l->elems[i].offset = p->committed;
         if (resolved[i])
@@ -416,29 +303,30 @@ static void consumer_claim_pending(consumer_t *c)
     rd_kafka_error_t *error;
     int64_t t = now_ms();
 
-    for (int32_t i = 0; i < c->n_parts; i++) {
-        part_t *p = &c->parts[i];
-        if (p->assigned && p->state == PART_FENCED &&
-            t - p->fenced_at_ms >= FENCE_RETRY_MS) {
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        part_t *p = &c->pl.parts.parts[i];
+        if (p->state == PART_FENCED && t - p->since_ms >= FENCE_RETRY_MS) {
             log_info("%s [%" PRId32 "]: still assigned to us after being "
                      "fenced; claiming it again",
                      c->conf->topic, i);
-            p->state = PART_CLAIMING;
+            parts_set_state(&c->pl.parts, i, PART_CLAIMING,
+                            "still ours after being fenced");
         }
     }
     l = rd_kafka_topic_partition_list_new(4);
-    for (int32_t i = 0; i < c->n_parts; i++)
-        if (c->parts[i].assigned && c->parts[i].state == PART_CLAIMING)
+    for (int32_t i = 0; i < c->pl.parts.n; i++)
+        if (c->pl.parts.parts[i].state == PART_CLAIMING)
             rd_kafka_topic_partition_list_add(l, c->conf->topic, i);
     if (l->cnt == 0 || consumer_claim(c, l) == -1)
         goto out;
-    error = kafka_seek_partitions(c->rk, l, 10000);
+    error = kafka_seek_partitions(c->pl.rk, l, 10000);
     if (error) {
         log_warn("seek after claim failed: %s; claiming again",
                  rd_kafka_error_string(error));
         rd_kafka_error_destroy(error);
         for (int i = 0; i < l->cnt; i++)
-            consumer_part(c, l->elems[i].partition)->state = PART_CLAIMING;
+            parts_set_state(&c->pl.parts, l->elems[i].partition, PART_CLAIMING,
+                            "seek failed");
         goto out;
     }
     for (int i = 0; i < l->cnt; i++) {
@@ -446,73 +334,19 @@ static void consumer_claim_pending(consumer_t *c)
             log_warn("%s [%" PRId32 "]: seek failed: %s; claiming again",
                      c->conf->topic, l->elems[i].partition,
                      rd_kafka_err2str(l->elems[i].err));
-            consumer_part(c, l->elems[i].partition)->state = PART_CLAIMING;
+            parts_set_state(&c->pl.parts, l->elems[i].partition, PART_CLAIMING,
+                            "seek failed");
         }
     }
-    rd_kafka_resume_partitions(c->rk, l);
-    /* Those whose seek failed go back to paused. */
-    consumer_pause_state(c, PART_CLAIMING);
 out:
+    parts_sync(&c->pl.parts); /* resumes the claimed, keeps the rest paused */
     rd_kafka_topic_partition_list_destroy(l);
 }
 
 /* ---------------------------------------------------------------- */
-/* The committer thread                                               */
-
-static void *committer_main(void *arg)
-{
-    committer_t *com = arg;
-    pthread_mutex_lock(&com->mu);
-    for (;;) {
-        while (!com->quit && !(com->busy && !com->done))
-            pthread_cond_wait(&com->cv, &com->mu);
-        if (com->quit)
-            break;
-        pthread_mutex_unlock(&com->mu);
-        {
-            int64_t t0 = now_us();
-            com->status =
-                store_commit_batch(com->store, com->batch, com->pos, com->n,
-                                   &com->res, com->err, sizeof(com->err));
-            com->took_us = now_us() - t0;
-        }
-        pthread_mutex_lock(&com->mu);
-        com->done = true;
-        pthread_cond_broadcast(&com->cv);
-    }
-    pthread_mutex_unlock(&com->mu);
-    return NULL;
-}
-
-static int committer_start(committer_t *com, store_t *store)
-{
-    memset(com, 0, sizeof(*com));
-    com->store = store;
-    pthread_mutex_init(&com->mu, NULL);
-    pthread_cond_init(&com->cv, NULL);
-    if (pthread_create(&com->thread, NULL, committer_main, com) != 0)
-        return -1;
-    com->started = true;
-    return 0;
-}
-
-static void committer_stop(committer_t *com)
-{
-    if (com->started) {
-        pthread_mutex_lock(&com->mu);
-        com->quit = true;
-        pthread_cond_broadcast(&com->cv);
-        pthread_mutex_unlock(&com->mu);
-        pthread_join(com->thread, NULL);
-    }
-    pthread_mutex_destroy(&com->mu);
-    pthread_cond_destroy(&com->cv);
-    free(com->pos);
-}
+/* Committing                                                         */
 
 static void consumer_abandon_batch(consumer_t *c, const char *why);
-static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
-                                  size_t n, bool sync);
 
 /* Dead letters for the events of `batch` that Postgres refused: reason
  * store_rejected, the SQL error as the message, and the original
@@ -530,20 +364,14 @@ static int consumer_send_rejected(void *arg, size_t i,
     rejected_ctx_t *ctx = arg;
     consumer_t *c = ctx->c;
     char err[512];
-    int r;
 
-    log_warn("%s [%" PRId32 "] offset %" PRId64 ": refused by postgres "
-             "(store_rejected): %s",
-             c->conf->topic, rkm->partition, rkm->offset, ctx->why[i]);
-    r = dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
-                         "store_rejected", ctx->why[i],
-                         c->conf->max_message_bytes, err, sizeof(err));
-    if (r == -1) {
+    if (pipeline_dead_letter(c->conf->dlq, c->conf->dlq_topic, rkm,
+                             "store_rejected", ctx->why[i],
+                             c->conf->max_message_bytes, c->m.store_rejected,
+                             err, sizeof(err)) == -1) {
         log_warn("%s", err);
         return -1;
     }
-    if (r == 0)
-        metric_add(c->m.store_rejected, 1);
     return 0;
 }
 
@@ -602,104 +430,112 @@ out:
     return rc;
 }
 
+static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
+                                  size_t n)
+{
+    rd_kafka_topic_partition_list_t *l =
+        rd_kafka_topic_partition_list_new((int)n);
+    rd_kafka_resp_err_t err;
+
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_topic_partition_list_add(l, pos[i].topic, pos[i].partition)
+            ->offset = pos[i].next_offset;
+    /* Postgres is the source of truth; this is for lag tools only. */
+    err = rd_kafka_commit(c->pl.rk, l, 1);
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Acts on a committed job: counters, positions, the Kafka commit. */
+static void consumer_committed(consumer_t *c, const committer_job_t *job)
+{
+    fault_point("after-pg-commit"); /* before the Kafka commit */
+    consumer_pg_ok(c);
+    metric_add(c->m.commit_us, (uint64_t)job->took_us);
+    metric_add(c->m.batches, 1);
+    metric_observe(c->m.batch_messages, (double)job->msgs);
+    metric_observe(c->m.commit_duration, (double)job->took_us / 1e6);
+    metric_add(c->m.counted, job->res.counted);
+    metric_add(c->m.dup_store, job->res.counted_before);
+    metric_add(c->m.conflicts, job->res.conflicts);
+    log_debug("batch committed: %zu messages, %zu counted, %zu counted "
+              "before, %zu buckets, %zu dead letters, %.1f ms",
+              job->msgs, job->res.counted, job->res.counted_before,
+              job->res.buckets, job->dlq, (double)job->took_us / 1000.0);
+    for (size_t i = 0; i < job->n; i++) {
+        parts_get(&c->pl.parts, job->pos[i].partition)->committed =
+            job->pos[i].next_offset;
+        dead_letter_forget(c->conf->dlq, job->pos[i].partition,
+                           job->pos[i].next_offset);
+    }
+    consumer_commit_kafka(c, job->pos, job->n);
+}
+
+/* A job fenced: being fenced means our view of the group is stale (a
+ * zombie after a pause, typically): claiming any partition now could
+ * take it from its rightful owner. All wait for librdkafka to report the
+ * rebalance; one still ours after FENCE_RETRY_MS is claimed again. */
+static void consumer_fenced(consumer_t *c, const committer_job_t *job)
+{
+    for (size_t i = 0; i < job->n; i++) {
+        if (job->pos[i].fenced)
+            log_warn("%s [%" PRId32 "]: fenced: another member claimed "
+                     "it (epoch %" PRId64 " is no longer current); not "
+                     "committing",
+                     c->conf->topic, job->pos[i].partition, job->pos[i].epoch);
+    }
+    consumer_abandon_batch(c, "the batch before it was fenced");
+    parts_move_all(&c->pl.parts, PART_CLAIMING, PART_FENCED,
+                   "a commit was fenced");
+    log_warn("fenced: pausing all %s partitions until the group "
+             "settles (at most %d s)",
+             c->conf->topic, FENCE_RETRY_MS / 1000);
+    metric_add(c->m.fenced, 1);
+    metric_add(c->m.batch_failures, 1);
+    parts_sync(&c->pl.parts);
+}
+
 /* Takes the committer's result, if there is one (waiting for it when
  * `wait`), and acts on it: positions advanced, or the batch behind it
- * abandoned. Afterwards, when it returns true, the store is ours. */
+ * abandoned. When it returns true, the store is ours. */
 static bool consumer_collect(consumer_t *c, bool wait)
 {
-    committer_t *com = &c->com;
+    committer_job_t *job;
 
-again:
-    pthread_mutex_lock(&com->mu);
-    if (!com->busy) {
-        pthread_mutex_unlock(&com->mu);
-        return true;
-    }
-    if (!com->done && !wait) {
-        pthread_mutex_unlock(&com->mu);
-        return false;
-    }
-    while (!com->done)
-        pthread_cond_wait(&com->cv, &com->mu);
-    pthread_mutex_unlock(&com->mu);
-
-    if (com->status == STORE_REJECTED) {
+    for (;;) {
         char err[512];
-        if (consumer_dead_letter_rejected(c, com->batch, err, sizeof(err)) ==
+        if (committer_idle(c->com))
+            return true;
+        job = committer_collect(c->com, wait);
+        if (!job)
+            return false;
+        if (job->status != STORE_REJECTED)
+            break;
+        if (consumer_dead_letter_rejected(c, job->batch, err, sizeof(err)) ==
             0) {
             /* The same batch and positions, without those events. */
-            pthread_mutex_lock(&com->mu);
-            com->done = false;
-            pthread_cond_broadcast(&com->cv);
-            pthread_mutex_unlock(&com->mu);
-            goto again;
+            committer_submit(c->com, job);
+            continue;
         }
-        snprintf(com->err, sizeof(com->err), "%s", err);
-        com->status = STORE_RETRY;
+        snprintf(job->err, sizeof(job->err), "%s", err);
+        job->status = STORE_RETRY;
+        break;
     }
-    if (com->status == STORE_FENCED) {
-        for (size_t i = 0; i < com->n; i++) {
-            if (com->pos[i].fenced)
-                log_warn("%s [%" PRId32 "]: fenced: another member claimed "
-                         "it (epoch %" PRId64 " is no longer current); not "
-                         "committing",
-                         c->conf->topic, com->pos[i].partition,
-                         com->pos[i].epoch);
-        }
-        /* Being fenced means our view of the group is stale (a zombie
-         * after a pause, typically): claiming any partition now could
-         * take it from its rightful owner. All wait for librdkafka to
-         * report the rebalance; one still ours after FENCE_RETRY_MS is
-         * claimed again. */
-        consumer_abandon_batch(c, "the batch before it was fenced");
-        for (int32_t i = 0; i < c->n_parts; i++) {
-            part_t *p = &c->parts[i];
-            if (p->assigned && p->state != PART_FENCED) {
-                p->state = PART_FENCED;
-                p->fenced_at_ms = now_ms();
-            }
-        }
-        log_warn("fenced: pausing all %s partitions until the group "
-                 "settles (at most %d s)",
-                 c->conf->topic, FENCE_RETRY_MS / 1000);
-        metric_add(c->m.fenced, 1);
+    if (job->status == STORE_FENCED) {
+        consumer_fenced(c, job);
+    } else if (job->status != STORE_OK) {
+        log_warn("batch of %zu messages not committed: %s", job->msgs,
+                 job->err);
         metric_add(c->m.batch_failures, 1);
-        consumer_pause_state(c, PART_FENCED);
-    } else if (com->status != STORE_OK) {
-        log_warn("batch of %zu messages not committed: %s", com->msgs,
-                 com->err);
-        metric_add(c->m.batch_failures, 1);
-        consumer_pg_failed(c, "postgres commit failed", com->err);
+        consumer_pg_failed(c, "postgres commit failed", job->err);
         consumer_abandon_batch(c, "the batch before it failed");
     } else {
-        fault_point("after-pg-commit"); /* before the Kafka commit */
-        consumer_pg_ok(c);
-        metric_add(c->m.commit_us, (uint64_t)com->took_us);
-        metric_add(c->m.batches, 1);
-        metric_observe(c->m.batch_messages, (double)com->msgs);
-        metric_observe(c->m.commit_duration, (double)com->took_us / 1e6);
-        metric_add(c->m.counted, com->res.counted);
-        metric_add(c->m.dup_store, com->res.counted_before);
-        metric_add(c->m.conflicts, com->res.conflicts);
-        log_debug("batch committed: %zu messages, %zu counted, %zu counted "
-                  "before, %zu buckets, %zu dead letters, %.1f ms",
-                  com->msgs, com->res.counted, com->res.counted_before,
-                  com->res.buckets, com->dlq, (double)com->took_us / 1000.0);
-        for (size_t i = 0; i < com->n; i++) {
-            consumer_part(c, com->pos[i].partition)->committed =
-                com->pos[i].next_offset;
-            dead_letter_forget(c->conf->dlq, com->pos[i].partition,
-                               com->pos[i].next_offset);
-        }
-        consumer_commit_kafka(c, com->pos, com->n, false);
+        consumer_committed(c, job);
     }
-    batch_clear(com->batch);
-    c->spare = com->batch;
-    com->batch = NULL;
-    pthread_mutex_lock(&com->mu);
-    com->busy = false;
-    com->done = false;
-    pthread_mutex_unlock(&com->mu);
+    batch_clear(job->batch);
+    c->spare = job->batch;
+    job->batch = NULL;
     return true;
 }
 
@@ -712,8 +548,7 @@ static void consumer_reset_batch(consumer_t *c)
     c->batch_msgs = 0;
     c->batch_bytes = 0;
     c->batch_dlq = 0;
-    for (int32_t i = 0; i < c->n_parts; i++)
-        c->parts[i].in_batch = false;
+    parts_clear_batch(&c->pl.parts);
 }
 
 /* Drops the open batch: nothing of it is committed, so every active
@@ -721,7 +556,6 @@ static void consumer_reset_batch(consumer_t *c)
  * settles a commit whose outcome we did not learn). */
 static void consumer_abandon_batch(consumer_t *c, const char *why)
 {
-    int n = 0;
     if (c->batch_msgs > 0) {
         log_warn("batch of %zu messages abandoned (%s); they will be "
                  "consumed again from the positions in Postgres",
@@ -729,32 +563,8 @@ static void consumer_abandon_batch(consumer_t *c, const char *why)
         metric_add(c->m.batch_failures, 1);
     }
     consumer_reset_batch(c);
-    for (int32_t i = 0; i < c->n_parts; i++) {
-        part_t *p = &c->parts[i];
-        if (p->assigned && p->state == PART_ACTIVE) {
-            p->state = PART_CLAIMING;
-            n++;
-        }
-    }
-    if (n > 0)
-        consumer_pause_state(c, PART_CLAIMING);
-}
-
-static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
-                                  size_t n, bool sync)
-{
-    rd_kafka_topic_partition_list_t *l =
-        rd_kafka_topic_partition_list_new((int)n);
-    rd_kafka_resp_err_t err;
-
-    for (size_t i = 0; i < n; i++)
-        rd_kafka_topic_partition_list_add(l, pos[i].topic, pos[i].partition)
-            ->offset = pos[i].next_offset;
-    /* Postgres is the source of truth; this is for lag tools only. */
-    err = rd_kafka_commit(c->rk, l, sync ? 0 : 1);
-    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-        log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
-    rd_kafka_topic_partition_list_destroy(l);
+    parts_move_all(&c->pl.parts, PART_ACTIVE, PART_CLAIMING, why);
+    parts_sync(&c->pl.parts);
 }
 
 /* Seals the open batch and hands it to the committer: dead letters
@@ -763,14 +573,13 @@ static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
  * On any failure the batch is abandoned. Returns 0 or -1. */
 static int consumer_commit_batch(consumer_t *c, bool sync)
 {
-    committer_t *com = &c->com;
+    committer_job_t *job = &c->job;
     char err[512];
     size_t n = 0;
-
-    int64_t t0 = mono_ns();
+    int64_t t0 = pipeline_mono_ns();
 
     consumer_collect(c, true); /* the previous one first, in order */
-    metric_add(c->m.commit_wait_ns, (uint64_t)(mono_ns() - t0));
+    metric_add(c->m.commit_wait_ns, (uint64_t)(pipeline_mono_ns() - t0));
     if (c->batch_msgs == 0)
         return 0;
     if (c->batch_dlq > 0 &&
@@ -784,35 +593,31 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
         consumer_abandon_batch(c, "postgres unavailable");
         return -1;
     }
-    free(com->pos);
-    com->pos = calloc((size_t)c->n_parts + 1, sizeof(*com->pos));
-    if (!com->pos)
+    free(job->pos);
+    job->pos = calloc((size_t)c->pl.parts.n + 1, sizeof(*job->pos));
+    if (!job->pos)
         abort();
-    for (int32_t i = 0; i < c->n_parts; i++) {
-        part_t *p = &c->parts[i];
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        part_t *p = &c->pl.parts.parts[i];
         if (!p->in_batch || p->state != PART_ACTIVE)
             continue;
-        com->pos[n].topic = c->conf->topic;
-        com->pos[n].partition = i;
-        com->pos[n].next_offset = p->next;
-        com->pos[n].epoch = p->epoch;
+        job->pos[n].topic = c->conf->topic;
+        job->pos[n].partition = i;
+        job->pos[n].next_offset = p->next;
+        job->pos[n].epoch = p->epoch;
         n++;
-        p->in_batch = false;
     }
-    com->n = n;
-    com->msgs = c->batch_msgs;
-    com->dlq = c->batch_dlq;
-    com->batch = c->batch;
+    parts_clear_batch(&c->pl.parts);
+    job->n = n;
+    job->msgs = c->batch_msgs;
+    job->dlq = c->batch_dlq;
+    job->batch = c->batch;
     c->batch = c->spare;
     c->spare = NULL;
     c->batch_msgs = 0;
     c->batch_bytes = 0;
     c->batch_dlq = 0;
-    pthread_mutex_lock(&com->mu);
-    com->busy = true;
-    com->done = false;
-    pthread_cond_broadcast(&com->cv);
-    pthread_mutex_unlock(&com->mu);
+    committer_submit(c->com, job);
     if (sync)
         consumer_collect(c, true);
     return 0;
@@ -846,49 +651,18 @@ static void consumer_refresh_enums(consumer_t *c)
     c->operations = ops;
 }
 
-static void consumer_dead_letter(consumer_t *c, const rd_kafka_message_t *rkm,
-                                 usage_reason_t reason, const char *msg)
+static void consumer_handle(void *arg, const rd_kafka_message_t *rkm)
 {
-    char err[512];
-    log_warn("%s [%" PRId32 "] offset %" PRId64 ": rejected (%s): %s",
-             c->conf->topic, rkm->partition, rkm->offset,
-             usage_reason_code(reason), msg);
-    switch (dead_letter_send(c->conf->dlq, rkm, c->conf->dlq_topic,
-                             usage_reason_code(reason), msg,
-                             c->conf->max_message_bytes, err, sizeof(err))) {
-    case -1:
-        /* Not even queued: the offset must not advance past it. */
-        consumer_abandon_batch(c, err);
-        return;
-    case 0:
-        metric_add(c->m.dead_letters[reason], 1);
-        break;
-    default:
-        break; /* sent before this rewind: not again */
-    }
-    c->batch_dlq++; /* acknowledged before the batch commits */
-}
-
-static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
-{
+    consumer_t *c = arg;
     usage_parse_ctx_t ctx;
     usage_event_t ev;
     usage_reason_t reason;
     char err[512], source[320];
-    part_t *p;
+    part_t *p = parts_get(&c->pl.parts, rkm->partition);
     rd_kafka_timestamp_type_t tstype;
     int64_t t0;
 
-    if (rkm->err) {
-        if (rkm->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
-            return;
-        log_warn("consumer: %s%s%s", rd_kafka_err2str(rkm->err),
-                 rkm->rkt ? " on " : "",
-                 rkm->rkt ? rd_kafka_topic_name(rkm->rkt) : "");
-        return;
-    }
-    p = consumer_part(c, rkm->partition);
-    if (!p->assigned || p->state != PART_ACTIVE) {
+    if (p->state != PART_ACTIVE) {
         metric_add(c->m.skipped, 1);
         return;
     }
@@ -910,25 +684,32 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
     ctx.offset = rkm->offset;
     ctx.kafka_timestamp_ms = rd_kafka_message_timestamp(rkm, &tstype);
 
-    t0 = mono_ns();
+    t0 = pipeline_mono_ns();
     reason =
         usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err, sizeof(err));
-    metric_add(c->m.parse_ns, (uint64_t)(mono_ns() - t0));
+    metric_add(c->m.parse_ns, (uint64_t)(pipeline_mono_ns() - t0));
     if (reason == USAGE_ERR_UNKNOWN_ENUM &&
         now_ms() - c->enums_read_ms >= ENUM_REFRESH_MS) {
         /* ALTER TYPE ... ADD VALUE works without a restart. */
         consumer_refresh_enums(c);
         /* The refresh waited for the batch in flight: if that failed, the
          * open batch and this partition's position went with it. */
-        if (!p->assigned || p->state != PART_ACTIVE)
+        if (p->state != PART_ACTIVE)
             return;
         reason = usage_event_parse(rkm->payload, rkm->len, &ctx, &ev, err,
                                    sizeof(err));
     }
     if (reason != USAGE_OK) {
-        consumer_dead_letter(c, rkm, reason, err);
-        if (!p->assigned || p->state != PART_ACTIVE)
-            return; /* the batch was abandoned */
+        char dlq_err[512];
+        if (pipeline_dead_letter(
+                c->conf->dlq, c->conf->dlq_topic, rkm,
+                usage_reason_code(reason), err, c->conf->max_message_bytes,
+                c->m.dead_letters[reason], dlq_err, sizeof(dlq_err)) == -1) {
+            /* Not even queued: the offset must not advance past it. */
+            consumer_abandon_batch(c, dlq_err);
+            return;
+        }
+        c->batch_dlq++; /* acknowledged before the batch commits */
     } else {
         snprintf(source, sizeof(source), "%s/%" PRId32 "/%" PRId64,
                  c->conf->topic, rkm->partition, rkm->offset);
@@ -958,91 +739,70 @@ static void consumer_handle(consumer_t *c, const rd_kafka_message_t *rkm)
 /* ---------------------------------------------------------------- */
 /* Rebalances (cooperative-sticky: incremental)                       */
 
-static void consumer_assign(consumer_t *c,
-                            rd_kafka_topic_partition_list_t *parts)
+static void consumer_assign(void *arg, rd_kafka_topic_partition_list_t *parts)
 {
+    consumer_t *c = arg;
     rd_kafka_topic_partition_list_t *l =
         rd_kafka_topic_partition_list_copy(parts);
     rd_kafka_error_t *error;
-    bool claimed;
 
     for (int i = 0; i < l->cnt; i++) {
-        part_t *p = consumer_part(c, l->elems[i].partition);
-        metric_t *lag = p->lag; /* the series outlives assignments */
-        memset(p, 0, sizeof(*p));
-        p->lag = lag;
-        p->assigned = true;
-        p->state = PART_CLAIMING;
+        int32_t partition = l->elems[i].partition;
+        if (parts_get(&c->pl.parts, partition)->state != PART_UNASSIGNED)
+            parts_set_state(&c->pl.parts, partition, PART_UNASSIGNED,
+                            "assigned again");
+        parts_set_state(&c->pl.parts, partition, PART_CLAIMING, "assigned");
         l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
     }
-    claimed = consumer_claim(c, l) == 0;
-    if (!claimed) {
+    if (consumer_claim(c, l) == -1) {
         for (int i = 0; i < l->cnt; i++)
             l->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+        log_warn("%d partitions assigned but not claimed yet (postgres "
+                 "unavailable): paused",
+                 l->cnt);
     }
-    error = rd_kafka_incremental_assign(c->rk, l);
+    error = rd_kafka_incremental_assign(c->pl.rk, l);
     if (error) {
         log_error("incremental assign failed: %s",
                   rd_kafka_error_string(error));
         rd_kafka_error_destroy(error);
     }
-    /* librdkafka keeps a pause across unassign and assign: a partition
-     * revoked while paused would come back paused for good. */
-    if (claimed)
-        rd_kafka_resume_partitions(c->rk, l);
-    if (!claimed) {
-        /* Held paused until Postgres tells where to start. */
-        rd_kafka_pause_partitions(c->rk, l);
-        log_warn("%d partitions assigned but not claimed yet (postgres "
-                 "unavailable): paused",
-                 l->cnt);
-    }
+    /* Claimed: resumed; else held paused until Postgres tells where to
+     * start. */
+    parts_sync(&c->pl.parts);
     rd_kafka_topic_partition_list_destroy(l);
-    consumer_update_assigned_gauge(c);
+    parts_report_assigned(&c->pl.parts);
+    consumer_update_ready(c);
 }
 
-static void consumer_revoke(consumer_t *c,
-                            rd_kafka_topic_partition_list_t *parts, bool lost)
+static void consumer_revoke(void *arg, rd_kafka_topic_partition_list_t *parts,
+                            bool lost)
 {
+    consumer_t *c = arg;
     rd_kafka_error_t *error;
 
     if (lost) {
         consumer_collect(c, true);
         consumer_abandon_batch(c, "partitions lost");
-    } else
+    } else {
         consumer_commit_batch(c, true); /* abandons it on failure */
-    for (int i = 0; i < parts->cnt; i++) {
-        part_t *p = consumer_part(c, parts->elems[i].partition);
-        p->assigned = false;
-        p->in_batch = false;
-        dead_letter_forget(c->conf->dlq, parts->elems[i].partition, INT64_MAX);
-        if (p->lag)
-            metric_set(p->lag, 0); /* its next owner reports it */
     }
-    error = rd_kafka_incremental_unassign(c->rk, parts);
+    for (int i = 0; i < parts->cnt; i++) {
+        int32_t partition = parts->elems[i].partition;
+        if (parts_get(&c->pl.parts, partition)->state != PART_UNASSIGNED)
+            parts_set_state(&c->pl.parts, partition, PART_UNASSIGNED,
+                            lost ? "lost" : "revoked");
+        dead_letter_forget(c->conf->dlq, partition, INT64_MAX);
+    }
+    error = rd_kafka_incremental_unassign(c->pl.rk, parts);
     if (error) {
         log_error("incremental unassign failed: %s",
                   rd_kafka_error_string(error));
         rd_kafka_error_destroy(error);
     }
-    consumer_update_assigned_gauge(c);
-}
-
-static void rebalance_cb(void *arg, rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                         rd_kafka_topic_partition_list_t *parts, bool lost)
-{
-    consumer_t *c = arg;
-
-    (void)rk;
-    metric_add(c->m.rebalances, 1);
-    log_info("rebalance: %s %d partitions%s",
-             err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assigned"
-                                                         : "revoked",
-             parts->cnt, lost ? " (lost)" : "");
-    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
-        consumer_assign(c, parts);
-    else
-        consumer_revoke(c, parts, lost);
+    parts_sync(&c->pl.parts);
+    parts_report_assigned(&c->pl.parts);
+    consumer_update_ready(c);
 }
 
 /* ---------------------------------------------------------------- */
@@ -1083,16 +843,14 @@ static void consumer_progress(consumer_t *c)
     int64_t t = now_ms();
     int64_t counted = metric_get(c->m.counted);
     int64_t dlq = 0;
-    int assigned = 0, paused = 0;
+    int assigned, paused;
 
     if (t - c->progress_ms < PROGRESS_MS)
         return;
     for (int r = 1; r < USAGE_ERR__COUNT; r++)
         dlq += metric_get(c->m.dead_letters[r]);
-    for (int32_t i = 0; i < c->n_parts; i++) {
-        assigned += c->parts[i].assigned;
-        paused += c->parts[i].assigned && c->parts[i].state != PART_ACTIVE;
-    }
+    assigned = parts_assigned(&c->pl.parts);
+    paused = assigned - parts_count(&c->pl.parts, PART_ACTIVE);
     if (counted != c->progress_counted || paused > 0)
         log_info("progress: %" PRId64 " counted (%.0f/s), %" PRId64
                  " duplicates, %" PRId64 " dead letters, %" PRId64
@@ -1113,7 +871,7 @@ static void consumer_ping(consumer_t *c)
 {
     char err[512];
 
-    if (now_ms() - c->pg_seen_ms < PING_MS || now_ms() < c->pg_retry_at_ms ||
+    if (now_ms() - c->pg_seen_ms < PING_MS || backoff_waiting(&c->pg) ||
         c->batch_msgs > 0 || !consumer_collect(c, false))
         return;
     if (store_ping(c->conf->store, err, sizeof(err)) == -1) {
@@ -1122,45 +880,6 @@ static void consumer_ping(consumer_t *c)
         return;
     }
     consumer_pg_ok(c);
-}
-
-/* Every few seconds: per assigned partition, how many messages lie
- * between the position committed in Postgres and the log end (from the
- * watermarks of librdkafka's last fetch; no broker round trip). A
- * partition not assigned here reads 0, so that the sum over the members
- * is the group's lag. */
-static void consumer_update_lag(consumer_t *c)
-{
-    int64_t t = now_ms();
-
-    if (t - c->lag_ms < PING_MS)
-        return;
-    c->lag_ms = t;
-    for (int32_t i = 0; i < c->n_parts; i++) {
-        part_t *p = &c->parts[i];
-        int64_t lo = -1, hi = -1, lag = 0;
-        if (!p->assigned)
-            continue; /* set to 0 when it went (consumer_revoke) */
-        if (!p->lag) {
-            char labels[320];
-            snprintf(labels, sizeof(labels),
-                     "topic=\"%s\",partition=\"%" PRId32 "\"", c->conf->topic,
-                     i);
-            /* Lives until exit, as the series does; shared by the
-             * members of the process (one owns a partition at a time). */
-            p->lag = metrics_gauge("tally_usage_lag_messages", strdup(labels),
-                                   "messages after the committed position, "
-                                   "per assigned partition");
-        }
-        if (rd_kafka_get_watermark_offsets(c->rk, c->conf->topic, i, &lo,
-                                           &hi) == RD_KAFKA_RESP_ERR_NO_ERROR &&
-            hi >= 0) {
-            /* No position stored yet: from the log start. */
-            int64_t from = p->committed >= 0 ? p->committed : lo;
-            lag = from >= 0 && hi > from ? hi - from : 0;
-        }
-        metric_set(p->lag, lag);
-    }
 }
 
 static void consumer_prune(consumer_t *c)
@@ -1197,24 +916,74 @@ static void consumer_prune(consumer_t *c)
                  deleted, c->conf->dedupe_days, now_ms() - t);
 }
 
+/* Before each poll: claims, and a timeout that closes the open batch in
+ * time. */
+static int consumer_prepare(void *arg)
+{
+    consumer_t *c = arg;
+    consumer_claim_pending(c);
+    if (c->batch_msgs > 0) {
+        int64_t left = c->batch_opened_ms + c->conf->batch_ms - now_ms();
+        return left < 0 ? 0 : left < 100 ? (int)left : 100;
+    }
+    return 100;
+}
+
+static void consumer_tick(void *arg)
+{
+    consumer_t *c = arg;
+    consumer_collect(c, false);
+    if (consumer_batch_due(c))
+        consumer_commit_batch(c, false);
+    consumer_progress(c);
+    consumer_ping(c);
+    parts_update_lag(&c->pl.parts, PING_MS);
+    consumer_prune(c);
+}
+
+static void consumer_finish(void *arg, bool fatal)
+{
+    consumer_t *c = arg;
+    if (!fatal) {
+        consumer_commit_batch(c, true);
+    } else {
+        consumer_collect(c, true);
+        consumer_abandon_batch(c, "fatal error");
+    }
+}
+
+static const pipeline_ops_t consumer_ops = {
+    .prepare = consumer_prepare,
+    .handle = consumer_handle,
+    .tick = consumer_tick,
+    .assign = consumer_assign,
+    .revoke = consumer_revoke,
+    .finish = consumer_finish,
+};
+
 int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
                        size_t errstr_size)
 {
     consumer_t c;
-    int rc = -1;
+    int rc;
 
     memset(&c, 0, sizeof(c));
     c.conf = conf;
-    c.pg_backoff_ms = BACKOFF_MIN_MS;
+    pipeline_init(&c.pl, conf->kc, conf->topic, &consumer_ops, &c, conf->stop,
+                  "tally_usage_lag_messages",
+                  "messages after the committed position, per assigned "
+                  "partition");
+    backoff_init(&c.pg, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
     c.progress_ms = now_ms();
     /* The first pruning comes one interval, or a minute, after start. */
     c.last_prune_ms =
         now_ms() - conf->prune_interval_s * 1000 +
         (conf->prune_interval_s < 60 ? conf->prune_interval_s * 1000 : 60000);
-    consumer_metrics_init(&c.m, conf->ready_name);
+    consumer_metrics_init(&c);
     c.batch = batch_new(conf->batch_size);
     c.spare = batch_new(conf->batch_size);
-    if (!c.batch || !c.spare || committer_start(&c.com, conf->store) == -1)
+    c.com = committer_start(conf->store);
+    if (!c.batch || !c.spare || !c.com)
         abort(); /* out of memory or threads at start */
     c.pg_seen_ms = now_ms();
     consumer_update_ready(&c);
@@ -1222,70 +991,16 @@ int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
     usage_enums_default(&c.token_types, &c.operations);
     consumer_refresh_enums(&c);
 
-    c.rk = kafka_consumer_rk(conf->kc);
-    if (kafka_consumer_subscribe(conf->kc, conf->topic, rebalance_cb, &c,
-                                 errstr, errstr_size) == -1)
-        goto out;
     log_info("consuming %s as group %s (batches of %zu messages / %zu "
              "bytes / %d ms; dead letters to %s)",
              conf->topic, conf->group, conf->batch_size, conf->batch_bytes,
              conf->batch_ms, conf->dlq_topic);
-
-    while (!*conf->stop && !c.fatal) {
-        rd_kafka_message_t *rkm;
-        int timeout = 100;
-        int64_t t0;
-
-        consumer_claim_pending(&c);
-        if (c.batch_msgs > 0) {
-            int64_t left = c.batch_opened_ms + conf->batch_ms - now_ms();
-            timeout = left < 0 ? 0 : left < 100 ? (int)left : 100;
-        }
-        t0 = mono_ns();
-        rkm = rd_kafka_consumer_poll(c.rk, timeout);
-        metric_add(c.m.poll_ns, (uint64_t)(mono_ns() - t0));
-        if (rkm) {
-            if (rkm->err == RD_KAFKA_RESP_ERR__FATAL) {
-                char reason[256];
-                rd_kafka_fatal_error(c.rk, reason, sizeof(reason));
-                snprintf(c.fatal_error, sizeof(c.fatal_error),
-                         "fatal kafka error: %s", reason);
-                c.fatal = true;
-            } else {
-                consumer_handle(&c, rkm);
-            }
-            rd_kafka_message_destroy(rkm);
-        }
-        consumer_collect(&c, false);
-        if (consumer_batch_due(&c))
-            consumer_commit_batch(&c, false);
-        consumer_progress(&c);
-        consumer_ping(&c);
-        consumer_update_lag(&c);
-        consumer_prune(&c);
-    }
-
-    log_info("stopping: committing the open batch and leaving the group");
-    if (!c.fatal) {
-        consumer_commit_batch(&c, true);
-    } else {
-        consumer_collect(&c, true);
-        consumer_abandon_batch(&c, "fatal error");
-    }
-    kafka_consumer_close(conf->kc); /* the last revocation comes here */
-    c.rk = NULL;
-    if (c.fatal) {
-        snprintf(errstr, errstr_size, "%s", c.fatal_error);
-        goto out;
-    }
-    rc = 0;
-out:
-    if (c.rk)
-        kafka_consumer_close(conf->kc);
+    rc = pipeline_run(&c.pl, errstr, errstr_size);
     consumer_collect(&c, true);
-    committer_stop(&c.com);
+    committer_stop(c.com);
+    free(c.job.pos);
     batch_free(c.batch);
     batch_free(c.spare);
-    free(c.parts);
+    parts_free(&c.pl.parts);
     return rc;
 }
