@@ -64,6 +64,17 @@ first_msg=$(grep -m1 'first message' "$IT_DIR/w1.log" | cut -d' ' -f1)
 first_prune=$(grep -m1 'pruned [0-9]* events' "$IT_DIR/w1.log" | cut -d' ' -f1)
 [[ "$first_prune" > "$first_msg" ]] ||
   fail "pruned at $first_prune, before counting began at $first_msg"
+# Between two deletes, at least four times the first one's duration
+# passes (they take at most a fifth of the connection's time). Each line
+# is logged as its delete ends: "<time> info pruned N events ... in T ms".
+grep -E 'pruned [0-9]+ events' "$IT_DIR/w1.log" |
+  while read -r ts rest; do
+    echo "$(date -d "$ts" +%s%3N) $(sed -E 's/.* in ([0-9]+) ms$/\1/' <<<"$rest")"
+  done >"$IT_DIR/prunes"
+gaps=$(awk 'NR > 1 { start = $1 - $2; if (start - end < 4 * took - 2)
+                       printf "%d ms after a %d ms delete; ", start - end, took }
+            { end = $1; took = $2 }' "$IT_DIR/prunes")
+[ -z "$gaps" ] || fail "deletes too close together: $gaps"
 
 step "the recent rows and the counted events stay; the sums are exact"
 recent=$(it_sql "SELECT string_agg(idempotency_key, ' ' ORDER BY

@@ -19,6 +19,7 @@ struct kafka_consumer {
      * holds its assignor state, so rd_kafka_destroy() is safe. */
     bool synced;
     bool subscribed;
+    bool commit_failed; /* an offset commit failed since last asked */
 };
 
 /* ---------------------------------------------------------------- */
@@ -170,6 +171,27 @@ static bool x_has(const config_t *cfg, const char *key)
     return false;
 }
 
+/* The outcome of every offset commit, from the consumer's poll. */
+static void kafka_offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                                   rd_kafka_topic_partition_list_t *offsets,
+                                   void *opaque)
+{
+    kafka_consumer_t *kc = opaque;
+    (void)rk;
+    (void)offsets;
+    if (!err || err == RD_KAFKA_RESP_ERR__NO_OFFSET)
+        return;
+    log_debug("kafka offset commit failed: %s", rd_kafka_err2str(err));
+    kc->commit_failed = true;
+}
+
+bool kafka_consumer_commit_failed(kafka_consumer_t *kc)
+{
+    bool failed = kc->commit_failed;
+    kc->commit_failed = false;
+    return failed;
+}
+
 kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
                                      const char *brokers, const char *group,
                                      const char *const *defaults,
@@ -215,6 +237,7 @@ kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
     }
     kafka_conf_logging(conf, group);
     rd_kafka_conf_set_rebalance_cb(conf, kafka_rebalance_cb);
+    rd_kafka_conf_set_offset_commit_cb(conf, kafka_offset_commit_cb);
     rd_kafka_conf_set_opaque(conf, kc);
     kc->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, msg, sizeof(msg));
     if (!kc->rk) {

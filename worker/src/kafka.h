@@ -45,6 +45,10 @@ kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
                                      const char *const *defaults,
                                      char *errstr, size_t errstr_size);
 
+/* True when an offset commit failed since the last call (reported by
+ * the consumer's poll; this clears it). */
+bool kafka_consumer_commit_failed(kafka_consumer_t *kc);
+
 /* The librdkafka handle, for polling, pausing, seeking and committing. */
 rd_kafka_t *kafka_consumer_rk(const kafka_consumer_t *kc);
 

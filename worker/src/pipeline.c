@@ -353,6 +353,34 @@ static void pipeline_rebalance(void *arg, rd_kafka_t *rk,
         pl->ops->revoke(pl->arg, parts, lost);
 }
 
+/* An offset commit failed (a rebalance in between, the coordinator
+ * moving): the positions committed since are committed again, so that
+ * the group's offsets (lag tools; the restart point of invalidations)
+ * catch up even on a partition no new batch comes to. */
+static void pipeline_recommit(pipeline_t *pl)
+{
+    rd_kafka_topic_partition_list_t *l;
+    rd_kafka_resp_err_t err;
+
+    if (!kafka_consumer_commit_failed(pl->kc))
+        return;
+    l = rd_kafka_topic_partition_list_new(pl->parts.n + 1);
+    for (int32_t i = 0; i < pl->parts.n; i++) {
+        const part_t *p = &pl->parts.parts[i];
+        if (p->state == PART_ACTIVE && p->committed >= 0)
+            rd_kafka_topic_partition_list_add(l, pl->parts.topic, i)
+                ->offset = p->committed;
+    }
+    log_info("%s: a Kafka offset commit failed; committing %d positions "
+             "again",
+             pl->name, l->cnt);
+    err = l->cnt > 0 ? rd_kafka_commit(pl->rk, l, 1)
+                     : RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (err)
+        log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
 int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
 {
     int rc = -1;
@@ -381,8 +409,10 @@ int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
             }
             rd_kafka_message_destroy(rkm);
         }
-        if (!pl->fatal)
+        if (!pl->fatal) {
             pl->ops->tick(pl->arg);
+            pipeline_recommit(pl);
+        }
     }
     log_info("%s: stopping: %s the open batch and leaving the group", pl->name,
              pl->fatal ? "abandoning" : "committing");

@@ -25,7 +25,8 @@
 #define ENUM_REFRESH_MS 10000 /* re-read enums on an unknown value */
 #define DLQ_FLUSH_MS 30000
 #define PROGRESS_MS 10000
-#define PING_MS 5000 /* check Postgres this often while idle */
+#define PING_MS 5000         /* check Postgres this often while idle */
+#define PRUNE_PAUSE_FACTOR 4 /* a delete is followed by 4x its time off */
 
 typedef struct {
     metric_t *messages, *counted, *dup_batch, *dup_store, *conflicts;
@@ -886,7 +887,7 @@ static void consumer_prune(consumer_t *c)
 {
     char err[512];
     long deleted = 0;
-    int64_t t = now_ms();
+    int64_t t = now_ms(), took;
 
     if (c->conf->prune_interval_s <= 0 ||
         t - c->last_prune_ms < c->conf->prune_interval_s * 1000)
@@ -905,15 +906,20 @@ static void consumer_prune(consumer_t *c)
         log_warn("pruning the dedupe store: %s", err);
         return;
     }
-    /* A full batch: more remain. Due again at the next gap between
-     * batches, each batch its own short transaction, so a backlog of
-     * expired rows drains in steps of 50,000 rather than one an interval. */
+    /* A full batch: more remain. Due again at a gap between batches
+     * after four times as long as this delete took, each its own short
+     * transaction: a backlog of expired rows drains in steps of 50,000
+     * rather than one an interval, and the deletes take at most a fifth
+     * of the connection's time, so that steady traffic below what the
+     * worker can count is not held back. */
+    took = now_ms() - t;
     if (deleted >= 50000)
-        c->last_prune_ms = t - c->conf->prune_interval_s * 1000;
+        c->last_prune_ms = t + took * (1 + PRUNE_PAUSE_FACTOR) -
+                           c->conf->prune_interval_s * 1000;
     if (deleted > 0)
         log_info("pruned %ld events past the %d-day dedupe window in "
                  "%" PRId64 " ms",
-                 deleted, c->conf->dedupe_days, now_ms() - t);
+                 deleted, c->conf->dedupe_days, took);
 }
 
 /* Before each poll: claims, and a timeout that closes the open batch in
