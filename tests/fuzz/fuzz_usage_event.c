@@ -41,6 +41,27 @@ static void check_metadata(const usage_event_t *ev, const char *buf,
     json_decref(root);
 }
 
+/* json_rules_load()'s fast path changes nothing: jansson alone gives the
+ * same reason, message and event, field for field. */
+static void check_same_without_fast_path(const usage_parse_ctx_t *ctx,
+                                         const char *buf, size_t size,
+                                         usage_reason_t r,
+                                         const usage_event_t *ev,
+                                         const char *err)
+{
+    usage_event_t slow;
+    char slow_err[FUZZ_ERRSTR_SIZE];
+    usage_reason_t rs;
+
+    json_rules_set_fast_path(false);
+    rs = usage_event_parse(buf, size, ctx, &slow, slow_err, sizeof(slow_err));
+    json_rules_set_fast_path(true);
+    CHECK(rs == r);
+    CHECK(strcmp(slow_err, err) == 0);
+    if (r == USAGE_OK)
+        CHECK(memcmp(&slow, ev, sizeof(slow)) == 0);
+}
+
 /* What must hold for any bytes under ctx: a known reason with a whole,
  * textual message; or an event whose every field obeys the contract,
  * found again (same fingerprint) by a second parse. */
@@ -51,6 +72,7 @@ static void check_parse(const usage_parse_ctx_t *ctx, const char *buf,
     char err[FUZZ_ERRSTR_SIZE], key[USAGE_KEY_MAX + 1];
 
     usage_reason_t r = usage_event_parse(buf, size, ctx, &ev, err, sizeof(err));
+    check_same_without_fast_path(ctx, buf, size, r, &ev, err);
     CHECK((unsigned)r < USAGE_ERR__COUNT);
     CHECK(strcmp(usage_reason_code(r), "unknown") != 0);
     if (r != USAGE_OK) {

@@ -81,10 +81,15 @@ typedef struct {
      * text (json_rules_echo()); true, printable ASCII only, other bytes
      * '?', uncut. */
     bool json_error_ascii;
+    /* True when the parser only asks whether a member is an object or an
+     * array, never what it holds (the token-usage metadata, kept as raw
+     * bytes): the fast path may then take messages with containers. */
+    bool opaque_containers;
     char *errstr;
     size_t errstr_size;
 
     json_t *root; /* the object; owned, json_rules_free() */
+    bool members_owned; /* loaded by the fast path: members are owned */
     /* The first failure: a json_rules_reason_t or the parser's own
      * reason (json_rules_fail()); 0 while all is well. */
     int reason;
@@ -100,6 +105,11 @@ typedef struct {
 __attribute__((warn_unused_result)) bool
 json_rules_load(json_rules_doc_t *doc, const char *buf, size_t len);
 
+/* Whether json_rules_load() may take its fast path (on by default): a
+ * one-pass load of flat objects of plain members, which gives the same
+ * outcome as jansson's. Off, every message goes through jansson; for the
+ * tests that compare the two. Not thread-safe: set it before parsing. */
+void json_rules_set_fast_path(bool on);
 /* Frees what json_rules_load() parsed; member values and strings from
  * the getters die with it. Safe after a failed load. */
 void json_rules_free(json_rules_doc_t *doc);

@@ -360,6 +360,7 @@ usage_reason_t usage_event_parse(const char *buf, size_t len,
                               .max_bytes = ctx->max_message_bytes,
                               .max_depth = USAGE_MAX_DEPTH,
                               .span_name = "metadata",
+                              .opaque_containers = true,
                               .errstr = errstr,
                               .errstr_size = errstr_size};
 
