@@ -185,7 +185,7 @@ typedef struct {
     int rc;               /* exit code contribution: 0 or 1 */
     atomic_bool done;     /* the thread has ended */
     char ready_name[64];  /* its /readyz check */
-} pipeline_t;
+} worker_pipe_t;
 
 static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
                          char *out, size_t size)
@@ -199,7 +199,7 @@ static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
 /* The token-usage pipeline: Postgres (waiting for it), then consuming. */
 static void *usage_thread(void *arg)
 {
-    pipeline_t *pl = arg;
+    worker_pipe_t *pl = arg;
     config_t *cfg = pl->cfg;
     usage_consumer_conf_t cc;
     store_t *st;
@@ -254,7 +254,7 @@ out:
 /* The cache-invalidation pipeline: Redis, then consuming. */
 static void *invalidation_thread(void *arg)
 {
-    pipeline_t *pl = arg;
+    worker_pipe_t *pl = arg;
     config_t *cfg = pl->cfg;
     invalidation_consumer_conf_t ic;
     cache_t *cache;
@@ -302,7 +302,7 @@ static void *invalidation_thread(void *arg)
  * librdkafka 2.0.2's cooperative-sticky assignor loops when the members
  * of one group subscribe to different topics (its issue #4783), which one
  * group for both topics would be. Returns 0 or the exit code. */
-static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
+static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
                             char *invalidation_group, size_t size)
 {
     const char *group = config_str(cfg, "group");
@@ -335,7 +335,7 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
 
     *n = 0;
     for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers"); m++) {
-        pipeline_t *pl = &pipes[(*n)++];
+        worker_pipe_t *pl = &pipes[(*n)++];
         pl->usage = true;
         pl->member = (int)m;
         pl->topic = usage;
@@ -349,7 +349,7 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
                      sizeof(pl->dlq_topic));
     }
     if (inval[0]) {
-        pipeline_t *pl = &pipes[(*n)++];
+        worker_pipe_t *pl = &pipes[(*n)++];
         pl->topic = inval;
         pl->group = invalidation_group;
         snprintf(pl->ready_name, sizeof(pl->ready_name), "cache-invalidation");
@@ -357,7 +357,7 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
                      sizeof(pl->dlq_topic));
     }
     for (size_t i = 0; i < *n; i++) {
-        pipeline_t *pl = &pipes[i];
+        worker_pipe_t *pl = &pipes[i];
         pl->cfg = cfg;
         /* A producer of its own: each pipeline waits for the
          * acknowledgements of its own dead letters only. */
@@ -380,7 +380,7 @@ static int create_pipelines(config_t *cfg, pipeline_t *pipes, size_t *n,
 int worker_main(int argc, char **argv)
 {
     config_t cfg;
-    pipeline_t *pipes = calloc(WORKER_MAX_PIPES, sizeof(*pipes));
+    worker_pipe_t *pipes = calloc(WORKER_MAX_PIPES, sizeof(*pipes));
     pthread_t threads[WORKER_MAX_PIPES];
     bool started[WORKER_MAX_PIPES] = {false};
     size_t n_pipes = 0;
