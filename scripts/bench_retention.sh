@@ -27,7 +27,8 @@
 # pg_stat_activity sampled every 0.2 s), and the expired rows deleted
 # before the first message, while counting and after the last commit.
 # BENCH_PRUNE_INTERVAL changes (b)'s and (d)'s interval, BENCH_RATE
-# (c)'s and (d)'s rate; BENCH_KEEP=1 keeps the directory.
+# (c)'s and (d)'s rate; BENCH_RUNS="c d" runs only those (default all
+# four); BENCH_KEEP=1 keeps the directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 events=${1:-1000000}
@@ -35,6 +36,7 @@ partitions=${2:-64}
 expired=${3:-1000000}
 prune_b=${BENCH_PRUNE_INTERVAL:-5}
 rate_c=${BENCH_RATE:-15000}
+runs=${BENCH_RUNS:-a b c d}
 
 bash "$here/scripts/deps.sh"
 bash "$here/scripts/build.sh" "$here/build-bench" -DBUILD_TESTING=OFF
@@ -228,19 +230,36 @@ run() {
   dir=""
 }
 
-run a 0
-run b "$prune_b"
-run c 0 "$rate_c"
-run d "$prune_b" "$rate_c"
+for name in $runs; do
+  case $name in
+  a) run a 0 ;;
+  b) run b "$prune_b" ;;
+  c) run c 0 "$rate_c" ;;
+  d) run d "$prune_b" "$rate_c" ;;
+  *) echo "BENCH_RUNS: no run '$name' (a, b, c, d)" >&2; exit 2 ;;
+  esac
+done
 r() { awk -v k="$2" 'index($0, k "=") == 1 { print substr($0, length(k) + 2) }' "$top/$1.res"; }
 
 cat <<OUT
 == result ($(nproc) cores, $(uname -m), $lines events on $partitions partitions, $expired expired rows in the store)
 | run | first message -> last commit | batch commit p50 / p90 / p99 / max | longest lock wait | expired rows deleted | sums |
 |---|---|---|---|---|---|
-| (a) backlog, \`--prune-interval 0\` | $(r a secs) s: **$(r a rate) events/s**$(r a behind_txt) | $(r a c50) / $(r a c90) / $(r a c99) / $(r a cmax) ms ($(r a batches) batches) | sampled $(r a lock_sampled) ms, logged (>10 ms) $(r a lock_logged) | $(r a deleted_txt) | $(r a exact) |
-| (b) backlog, \`--prune-interval $prune_b\` | $(r b secs) s: **$(r b rate) events/s**$(r b behind_txt) | $(r b c50) / $(r b c90) / $(r b c99) / $(r b cmax) ms ($(r b batches) batches) | sampled $(r b lock_sampled) ms, logged (>10 ms) $(r b lock_logged) | $(r b deleted_txt) | $(r b exact) |
-| (c) $rate_c/s, \`--prune-interval 0\` | $(r c secs) s: **$(r c rate) events/s**$(r c behind_txt) | $(r c c50) / $(r c c90) / $(r c c99) / $(r c cmax) ms ($(r c batches) batches) | sampled $(r c lock_sampled) ms, logged (>10 ms) $(r c lock_logged) | $(r c deleted_txt) | $(r c exact) |
-| (d) $rate_c/s, \`--prune-interval $prune_b\` | $(r d secs) s: **$(r d rate) events/s**$(r d behind_txt) | $(r d c50) / $(r d c90) / $(r d c99) / $(r d cmax) ms ($(r d batches) batches) | sampled $(r d lock_sampled) ms, logged (>10 ms) $(r d lock_logged) | $(r d deleted_txt) | $(r d exact) |
 OUT
-[ "$(r a exact)" = exact ] && [ "$(r b exact)" = exact ]
+# row NAME LABEL: one line of the table.
+row() {
+  local n=$1
+  echo "| $2 | $(r "$n" secs) s: **$(r "$n" rate) events/s**$(r "$n" behind_txt) | $(r "$n" c50) / $(r "$n" c90) / $(r "$n" c99) / $(r "$n" cmax) ms ($(r "$n" batches) batches) | sampled $(r "$n" lock_sampled) ms, logged (>10 ms) $(r "$n" lock_logged) | $(r "$n" deleted_txt) | $(r "$n" exact) |"
+}
+for name in $runs; do
+  case $name in
+  a) row a "(a) backlog, \`--prune-interval 0\`" ;;
+  b) row b "(b) backlog, \`--prune-interval $prune_b\`" ;;
+  c) row c "(c) $rate_c/s, \`--prune-interval 0\`" ;;
+  d) row d "(d) $rate_c/s, \`--prune-interval $prune_b\`" ;;
+  esac
+done
+for name in $runs; do
+  [ "$(r "$name" exact)" = exact ] || exit 1
+done
+
