@@ -51,6 +51,86 @@ cpu_s() { # CPU seconds (user+sys) of the given pids, summed
 }
 pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
 
+# ---- peer: the Python consumer tally is measured against (issue 9) -------
+# bench_peer runs scripts/peer_consumer.py (confluent-kafka, psycopg2,
+# batches with keys, sums and offsets in one transaction; see its
+# docstring) on the same backlog, from offset 0 in its own group and
+# schema (peer.*), after tally's run; measured the same way (first message
+# consumed to max(updated_at) of its offsets, i.e. the start of its last
+# batch's transaction, as for tally), its sums checked against the same
+# expectation (and its monthly table against its daily one). Prints its
+# lines after the result block and fails the bench if its sums differ.
+# BENCH_PEER=0 skips it.
+bench_peer_pg_cpu() { # this stack's Postgres: the postmaster, its live
+  # children and the children it has reaped (backends that exited)
+  local pm t
+  pm=$(head -1 "$dir/pg/data/postmaster.pid")
+  t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pm/stat")
+  t=$((t + $(pgrep -P "$pm" | sed 's|.*|/proc/&/stat|' |
+             xargs -r cat 2>/dev/null | awk '{ s += $14 + $15 } END { print s + 0 }')))
+  echo "scale=1; $t / $(getconf CLK_TCK)" | bc
+}
+bench_peer() {
+  [ "${BENCH_PEER:-1}" != "0" ] || return 0
+  local pg0 pg1 rc=0 res pfirst plast psecs pexact
+  pg0=$(bench_peer_pg_cpu)
+  # A stall is cut off: at least 200 messages/s plus 2 minutes.
+  timeout --signal=TERM $((120 + lines / 200)) \
+    /usr/bin/python3 "$here/scripts/peer_consumer.py" --until-end \
+      --group tally-peer --schema peer >"$dir/peer.out" 2>"$dir/peer.log" &
+  wpid=$!
+  wait "$wpid" || rc=$?
+  wpid=""
+  pg1=$(bench_peer_pg_cpu)
+  res=$(grep '^peer-result ' "$dir/peer.out" || true)
+  if [ "$rc" -ne 0 ] || [ -z "$res" ]; then
+    tail "$dir/peer.log"
+    echo "   peer (python)       FAILED (exit $rc, log $dir/peer.log)"
+    return 1
+  fi
+  bench_peer_field() { tr ' ' '\n' <<<"$res" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
+  pfirst=$(grep -m1 "first message" "$dir/peer.log" | cut -d' ' -f1)
+  plast=$($PSQL -At -c "SELECT to_char(max(updated_at) AT TIME ZONE 'UTC',
+                         'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                        FROM peer.consumer_offsets WHERE group_id = 'tally-peer'")
+  psecs=$(echo "$(date -d "$plast" +%s.%N) - $(date -d "$pfirst" +%s.%N)" | bc)
+  $PSQL -At -F $'\t' -c "SELECT tenant_id, day, token_type, operation, model,
+      agent_id, tokens, prompt_tokens, completion_tokens, thoughts_tokens,
+      cached_tokens, events FROM peer.token_usage_daily" |
+    LC_ALL=C sort >"$dir/peer-daily.tsv"
+  pexact="sums exact"
+  LC_ALL=C sort "$dir/expect" | cmp -s - "$dir/peer-daily.tsv" ||
+    pexact="sums MISMATCH (daily)"
+  [ "$($PSQL -At -c "SELECT count(*) FROM (
+        (SELECT tenant_id, date_trunc('month', day)::date, token_type,
+                operation, model, agent_id, sum(tokens), sum(prompt_tokens),
+                sum(completion_tokens), sum(thoughts_tokens),
+                sum(cached_tokens), sum(events)
+         FROM peer.token_usage_daily GROUP BY 1, 2, 3, 4, 5, 6
+         EXCEPT ALL SELECT tenant_id, month, token_type, operation, model,
+                agent_id, tokens, prompt_tokens, completion_tokens,
+                thoughts_tokens, cached_tokens, events
+         FROM peer.token_usage_monthly)
+        UNION ALL
+        (SELECT tenant_id, month, token_type, operation, model, agent_id,
+                tokens, prompt_tokens, completion_tokens, thoughts_tokens,
+                cached_tokens, events FROM peer.token_usage_monthly
+         EXCEPT ALL SELECT tenant_id, date_trunc('month', day)::date,
+                token_type, operation, model, agent_id, sum(tokens),
+                sum(prompt_tokens), sum(completion_tokens),
+                sum(thoughts_tokens), sum(cached_tokens), sum(events)
+         FROM peer.token_usage_daily GROUP BY 1, 2, 3, 4, 5, 6)) d")" = 0 ] ||
+    pexact="sums MISMATCH (monthly)"
+  cat <<PEER
+   peer (python)       $(echo "scale=0; $lines / $psecs" | bc) messages/s, peak RSS $(($(bench_peer_field vmhwm_kb) / 1024)) MiB, $pexact
+   peer run            $(bench_peer_field messages) messages ($(bench_peer_field counted) counted, $(bench_peer_field dup_batch) + $(bench_peer_field dup_store) duplicates, $(bench_peer_field rejected) rejected), $(bench_peer_field batches) batches, first msg -> last commit ${psecs} s
+   peer CPU seconds    peer $(bench_peer_field cpu_s), postgres $(echo "$pg1 - $pg0" | bc)
+   ratio               $(printf '%.1f' "$(echo "scale=3; $psecs / $secs" | bc)")× the peer
+PEER
+  [ "$pexact" = "sums exact" ]
+}
+# ---- end of peer -----------------------------------------------------------
+
 echo "== generating $events events"
 "$GEN" --count "$events" --tenants 3000 --seed 11 --dup-rate 0.05 \
   --expect "$dir/expect" >"$dir/events.jsonl"
@@ -124,4 +204,5 @@ cat <<OUT
    CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu
    sums                $exact
 OUT
+bench_peer
 [ "$exact" = "exact" ]
