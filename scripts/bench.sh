@@ -37,6 +37,8 @@ cleanup() {
   [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir"
 }
 trap cleanup EXIT
+# Commit timestamps: the end of a run is its last batch's COMMIT.
+export STACK_PG_OPTS="-c track_commit_timestamp=on"
 stack_start "$dir" "$partitions" >/dev/null
 # shellcheck disable=SC1091
 source "$dir/env"
@@ -49,20 +51,10 @@ cpu_s() { # CPU seconds (user+sys) of the given pids, summed
   done
   echo "scale=1; $t / $(getconf CLK_TCK)" | bc
 }
-pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
-
-# ---- peer: the Python consumer tally is measured against (issue 9) -------
-# bench_peer runs scripts/peer_consumer.py (confluent-kafka, psycopg2,
-# batches with keys, sums and offsets in one transaction; see its
-# docstring) on the same backlog, from offset 0 in its own group and
-# schema (peer.*), after tally's run; measured the same way (first message
-# consumed to max(updated_at) of its offsets, i.e. the start of its last
-# batch's transaction, as for tally), its sums checked against the same
-# expectation (and its monthly table against its daily one). Prints its
-# lines after the result block and fails the bench if its sums differ.
-# BENCH_PEER=0 skips it.
-bench_peer_pg_cpu() { # this stack's Postgres: the postmaster, its live
-  # children and the children it has reaped (backends that exited)
+# CPU seconds of this stack's Postgres: the postmaster, its live children
+# and the children it has reaped (backends that exited); other Postgres
+# servers on the machine are not counted.
+pg_cpu_s() {
   local pm t
   pm=$(head -1 "$dir/pg/data/postmaster.pid")
   t=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pm/stat")
@@ -70,10 +62,49 @@ bench_peer_pg_cpu() { # this stack's Postgres: the postmaster, its live
              xargs -r cat 2>/dev/null | awk '{ s += $14 + $15 } END { print s + 0 }')))
   echo "scale=1; $t / $(getconf CLK_TCK)" | bc
 }
+# When the last batch of SCHEMA's consumer committed (its offsets row's
+# commit timestamp), as RFC 3339.
+last_commit() {
+  $PSQL -At -c "SELECT to_char(max(pg_xact_commit_timestamp(xmin))
+                  AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                FROM $1.consumer_offsets"
+}
+# Rows where SCHEMA's monthly table differs from its daily one rolled up.
+monthly_mismatches() {
+  local d="$1.token_usage_daily" m="$1.token_usage_monthly"
+  $PSQL -At -c "SELECT count(*) FROM (
+      (SELECT tenant_id, date_trunc('month', day)::date, token_type,
+              operation, model, agent_id, sum(tokens), sum(prompt_tokens),
+              sum(completion_tokens), sum(thoughts_tokens),
+              sum(cached_tokens), sum(events)
+       FROM $d GROUP BY 1, 2, 3, 4, 5, 6
+       EXCEPT ALL SELECT tenant_id, month, token_type, operation, model,
+              agent_id, tokens, prompt_tokens, completion_tokens,
+              thoughts_tokens, cached_tokens, events FROM $m)
+      UNION ALL
+      (SELECT tenant_id, month, token_type, operation, model, agent_id,
+              tokens, prompt_tokens, completion_tokens, thoughts_tokens,
+              cached_tokens, events FROM $m
+       EXCEPT ALL SELECT tenant_id, date_trunc('month', day)::date,
+              token_type, operation, model, agent_id, sum(tokens),
+              sum(prompt_tokens), sum(completion_tokens),
+              sum(thoughts_tokens), sum(cached_tokens), sum(events)
+       FROM $d GROUP BY 1, 2, 3, 4, 5, 6)) d"
+}
+
+# ---- peer: the Python consumer tally is measured against (issue 9) -------
+# bench_peer runs scripts/peer_consumer.py (confluent-kafka, psycopg2,
+# batches with keys, sums and offsets in one transaction; see its
+# docstring) on the same backlog, from offset 0 in its own group and
+# schema (peer.*), after tally's run; measured the same way (first message
+# consumed to its last batch's COMMIT, as for tally), its sums checked against the same
+# expectation (and its monthly table against its daily one). Prints its
+# lines after the result block and fails the bench if its sums differ.
+# BENCH_PEER=0 skips it.
 bench_peer() {
   [ "${BENCH_PEER:-1}" != "0" ] || return 0
   local pg0 pg1 rc=0 res pfirst plast psecs pexact
-  pg0=$(bench_peer_pg_cpu)
+  pg0=$(pg_cpu_s)
   # A stall is cut off: at least 200 messages/s plus 2 minutes.
   timeout --signal=TERM $((120 + lines / 200)) \
     /usr/bin/python3 "$here/scripts/peer_consumer.py" --until-end \
@@ -81,7 +112,7 @@ bench_peer() {
   wpid=$!
   wait "$wpid" || rc=$?
   wpid=""
-  pg1=$(bench_peer_pg_cpu)
+  pg1=$(pg_cpu_s)
   res=$(grep '^peer-result ' "$dir/peer.out" || true)
   if [ "$rc" -ne 0 ] || [ -z "$res" ]; then
     tail "$dir/peer.log"
@@ -90,9 +121,7 @@ bench_peer() {
   fi
   bench_peer_field() { tr ' ' '\n' <<<"$res" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
   pfirst=$(grep -m1 "first message" "$dir/peer.log" | cut -d' ' -f1)
-  plast=$($PSQL -At -c "SELECT to_char(max(updated_at) AT TIME ZONE 'UTC',
-                         'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
-                        FROM peer.consumer_offsets WHERE group_id = 'tally-peer'")
+  plast=$(last_commit peer)
   psecs=$(echo "$(date -d "$plast" +%s.%N) - $(date -d "$pfirst" +%s.%N)" | bc)
   $PSQL -At -F $'\t' -c "SELECT tenant_id, day, token_type, operation, model,
       agent_id, tokens, prompt_tokens, completion_tokens, thoughts_tokens,
@@ -101,25 +130,7 @@ bench_peer() {
   pexact="sums exact"
   LC_ALL=C sort "$dir/expect" | cmp -s - "$dir/peer-daily.tsv" ||
     pexact="sums MISMATCH (daily)"
-  [ "$($PSQL -At -c "SELECT count(*) FROM (
-        (SELECT tenant_id, date_trunc('month', day)::date, token_type,
-                operation, model, agent_id, sum(tokens), sum(prompt_tokens),
-                sum(completion_tokens), sum(thoughts_tokens),
-                sum(cached_tokens), sum(events)
-         FROM peer.token_usage_daily GROUP BY 1, 2, 3, 4, 5, 6
-         EXCEPT ALL SELECT tenant_id, month, token_type, operation, model,
-                agent_id, tokens, prompt_tokens, completion_tokens,
-                thoughts_tokens, cached_tokens, events
-         FROM peer.token_usage_monthly)
-        UNION ALL
-        (SELECT tenant_id, month, token_type, operation, model, agent_id,
-                tokens, prompt_tokens, completion_tokens, thoughts_tokens,
-                cached_tokens, events FROM peer.token_usage_monthly
-         EXCEPT ALL SELECT tenant_id, date_trunc('month', day)::date,
-                token_type, operation, model, agent_id, sum(tokens),
-                sum(prompt_tokens), sum(completion_tokens),
-                sum(thoughts_tokens), sum(cached_tokens), sum(events)
-         FROM peer.token_usage_daily GROUP BY 1, 2, 3, 4, 5, 6)) d")" = 0 ] ||
+  [ "$(monthly_mismatches peer)" = 0 ] ||
     pexact="sums MISMATCH (monthly)"
   cat <<PEER
    peer (python)       $(echo "scale=0; $lines / $psecs" | bc) messages/s, peak RSS $(($(bench_peer_field vmhwm_kb) / 1024)) MiB, $pexact
@@ -149,7 +160,7 @@ echo "   $(echo "scale=0; $lines / ($t1 - $t0)" | bc) lines/s"
 
 port=$(stack_free_port)
 broker_pid=$(cat "$dir/broker/pid")
-pg_cpu0=$(cpu_s $(pg_pids))
+pg_cpu0=$(pg_cpu_s)
 broker_cpu0=$(cpu_s "$broker_pid")
 echo "== consuming with one worker $batch_args"
 # shellcheck disable=SC2086
@@ -167,16 +178,14 @@ done
 rss_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$wpid/status")
 curl -s "127.0.0.1:$port/metrics" >"$dir/metrics"
 worker_cpu=$(cpu_s "$wpid")
-pg_cpu=$(echo "$(cpu_s $(pg_pids)) - $pg_cpu0" | bc)
+pg_cpu=$(echo "$(pg_cpu_s) - $pg_cpu0" | bc)
 broker_cpu=$(echo "$(cpu_s "$broker_pid") - $broker_cpu0" | bc)
 kill -TERM "$wpid"
 wait "$wpid" || true
 wpid=""
 
 first=$(grep -m1 "first message" "$dir/worker.log" | cut -d' ' -f1)
-last=$($PSQL -At -c "SELECT to_char(max(updated_at) AT TIME ZONE 'UTC',
-                      'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
-                     FROM tally.consumer_offsets")
+last=$(last_commit tally)
 secs=$(echo "$(date -d "$last" +%s.%N) - $(date -d "$first" +%s.%N)" | bc)
 metric() { awk -v m="$1" '$1 == m { print $2 }' "$dir/metrics"; }
 counted=$(metric tally_usage_events_counted_total)
@@ -186,10 +195,12 @@ $PSQL -At -F $'\t' -c "SELECT tenant_id, day, token_type, operation, model,
     agent_id, tokens, prompt_tokens, completion_tokens, thoughts_tokens,
     cached_tokens, events FROM tally.token_usage_daily" |
   LC_ALL=C sort >"$dir/daily.tsv"
-if LC_ALL=C sort "$dir/expect" | cmp -s - "$dir/daily.tsv"; then
-  exact="exact"
+if ! LC_ALL=C sort "$dir/expect" | cmp -s - "$dir/daily.tsv"; then
+  exact="MISMATCH (daily)"
+elif [ "$(monthly_mismatches tally)" != 0 ]; then
+  exact="MISMATCH (monthly)"
 else
-  exact="MISMATCH"
+  exact="exact"
 fi
 
 cat <<OUT
@@ -202,7 +213,7 @@ cat <<OUT
    worker time: parse $(echo "scale=1; $(metric tally_usage_parse_seconds_total) / 1" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_seconds_total) / 1" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_seconds_total) / 1" | bc) s
    postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_total) / 1" | bc) s in the committer thread
    CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu
-   sums                $exact
+   sums                $exact (daily against the generator, monthly against the daily)
 OUT
 bench_peer
 [ "$exact" = "exact" ]

@@ -45,7 +45,7 @@ stack_pg_start() {
   local dir=$1 bin
   bin=$(stack_pg_bin) || return 1
   stack_pg_as "$bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/log" -w -t 60 \
-    -o "-p $(cat "$dir/pg/port") -k $dir/pg -c listen_addresses=127.0.0.1" \
+    -o "-p $(cat "$dir/pg/port") -k $dir/pg -c listen_addresses=127.0.0.1 ${STACK_PG_OPTS:-}" \
     start >/dev/null
 }
 
