@@ -50,8 +50,8 @@ static int config_set(config_t *cfg, size_t i, const char *val,
         errno = 0;
         n = strtoll(val, &end, 10);
         if (errno || end == val || *end != '\0') {
-            snprintf(errstr, errstr_size, "%s: '%s' is not an integer",
-                     origin, val);
+            snprintf(errstr, errstr_size, "%s: '%s' is not an integer", origin,
+                     val);
             return -1;
         }
         if (n < def->min || n > def->max) {
@@ -71,8 +71,7 @@ static int config_set(config_t *cfg, size_t i, const char *val,
             v->num = 0;
         else {
             snprintf(errstr, errstr_size,
-                     "%s: '%s' is not a boolean (true/false/1/0)", origin,
-                     val);
+                     "%s: '%s' is not a boolean (true/false/1/0)", origin, val);
             return -1;
         }
         break;
@@ -111,8 +110,8 @@ static int config_add_x(config_t *cfg, const char *pair, size_t *used,
     *used += len + 1;
     eq = strchr(copy, '=');
     if (!eq || eq == copy) {
-        snprintf(errstr, errstr_size,
-                 "-X %s: expected key=value (or -X list)", pair);
+        snprintf(errstr, errstr_size, "-X %s: expected key=value (or -X list)",
+                 pair);
         return -1;
     }
     *eq = '\0';
@@ -124,8 +123,8 @@ static int config_add_x(config_t *cfg, const char *pair, size_t *used,
 
 config_result_t config_parse(config_t *cfg, const char *command,
                              const char *summary, const opt_def_t *defs,
-                             size_t n_defs, int argc, char **argv,
-                             int max_args, char *errstr, size_t errstr_size)
+                             size_t n_defs, int argc, char **argv, int max_args,
+                             char *errstr, size_t errstr_size)
 {
     size_t x_used = 0;
     int i;
@@ -141,9 +140,8 @@ config_result_t config_parse(config_t *cfg, const char *command,
     /* Defaults, then the environment. */
     for (size_t d = 0; d < n_defs; d++) {
         const char *env = defs[d].env ? getenv(defs[d].env) : NULL;
-        if (defs[d].def &&
-            config_set(cfg, d, defs[d].def, defs[d].name, "default", errstr,
-                       errstr_size) == -1)
+        if (defs[d].def && config_set(cfg, d, defs[d].def, defs[d].name,
+                                      "default", errstr, errstr_size) == -1)
             abort(); /* a bad default is a programming error */
         if (env && config_set(cfg, d, env, defs[d].env, "env", errstr,
                               errstr_size) == -1)
@@ -201,8 +199,7 @@ config_result_t config_parse(config_t *cfg, const char *command,
                 val = eq + 1;
             } else {
                 if (i + 1 >= argc) {
-                    snprintf(errstr, errstr_size, "%s needs a value",
-                             origin);
+                    snprintf(errstr, errstr_size, "%s needs a value", origin);
                     return CONFIG_USAGE;
                 }
                 val = argv[++i];
@@ -214,8 +211,7 @@ config_result_t config_parse(config_t *cfg, const char *command,
         }
         if (arg[0] == '-' && arg[1] != '\0') {
             snprintf(errstr, errstr_size,
-                     "unknown flag '%s' (see 'tally %s --help')", arg,
-                     command);
+                     "unknown flag '%s' (see 'tally %s --help')", arg, command);
             return CONFIG_USAGE;
         }
         cfg->args[cfg->n_args++] = argv[i];
@@ -263,8 +259,8 @@ void config_free(config_t *cfg)
 
 void config_print_help(const config_t *cfg, FILE *fp)
 {
-    fprintf(fp, "usage: tally %s [options]\n\n%s\n\noptions:\n",
-            cfg->command, cfg->summary);
+    fprintf(fp, "usage: tally %s [options]\n\n%s\n\noptions:\n", cfg->command,
+            cfg->summary);
     for (size_t i = 0; i < cfg->n_defs; i++) {
         const opt_def_t *d = &cfg->defs[i];
         char flag[96];
@@ -272,8 +268,9 @@ void config_print_help(const config_t *cfg, FILE *fp)
             snprintf(flag, sizeof(flag), "--%s", d->name);
         else
             snprintf(flag, sizeof(flag), "--%s %s", d->name,
-                     d->metavar ? d->metavar
-                                : d->type == OPT_INT ? "N" : "VALUE");
+                     d->metavar           ? d->metavar
+                     : d->type == OPT_INT ? "N"
+                                          : "VALUE");
         fprintf(fp, "  %-28s %s\n", flag, d->help);
         if (d->type == OPT_CHOICE)
             fprintf(fp, "  %-28s one of: %s\n", "", d->choices);
@@ -316,6 +313,14 @@ long long config_int(const config_t *cfg, const char *name)
 bool config_bool(const config_t *cfg, const char *name)
 {
     return config_int(cfg, name) != 0;
+}
+
+bool config_is_set(const config_t *cfg, const char *name)
+{
+    int i = config_find(cfg, name, strlen(name));
+    if (i < 0)
+        abort();
+    return cfg->vals[i].set;
 }
 
 const char *config_origin(const config_t *cfg, const char *name)

@@ -90,6 +90,10 @@ const char *config_str(const config_t *cfg, const char *name);
 long long config_int(const config_t *cfg, const char *name);
 bool config_bool(const config_t *cfg, const char *name);
 
+/* True when option `name` was given (flag or environment), not its
+ * default. */
+bool config_is_set(const config_t *cfg, const char *name);
+
 /* How to name option `name` in a message: "--name", or its environment
  * variable when the value came from there. */
 const char *config_origin(const config_t *cfg, const char *name);

@@ -197,6 +197,23 @@ static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
 }
 
 /* The token-usage pipeline: Postgres (waiting for it), then consuming. */
+/* The members of one process share one memory budget: unless
+ * --batch-size or -X queued.max.messages.kbytes is given, each of N
+ * members gets 1/N of the default batch and pre-fetch queue (a floor of
+ * MEMBER_BATCH_MIN messages and MEMBER_QUEUE_MIN_KB), so that peak RSS
+ * stays where one member's is. */
+#define MEMBER_BATCH_MIN 1000
+#define MEMBER_QUEUE_MIN_KB 1024
+static size_t usage_batch_size(const config_t *cfg)
+{
+    long long n = config_int(cfg, "consumers");
+    long long size = config_int(cfg, "batch-size");
+    if (n <= 1 || config_is_set(cfg, "batch-size"))
+        return (size_t)size;
+    size /= n;
+    return (size_t)(size < MEMBER_BATCH_MIN ? MEMBER_BATCH_MIN : size);
+}
+
 static void *usage_thread(void *arg)
 {
     worker_pipe_t *pl = arg;
@@ -229,7 +246,7 @@ static void *usage_thread(void *arg)
     cc.topic = pl->topic;
     cc.dlq_topic = pl->dlq_topic;
     cc.start_from = config_str(cfg, "start-from");
-    cc.batch_size = (size_t)config_int(cfg, "batch-size");
+    cc.batch_size = usage_batch_size(cfg);
     cc.batch_bytes = (size_t)config_int(cfg, "batch-bytes");
     cc.batch_ms = (int)config_int(cfg, "batch-ms");
     cc.dedupe_days = (int)config_int(cfg, "dedupe-days");
@@ -309,9 +326,9 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
     const char *ig = config_str(cfg, "invalidation-group");
     const char *usage = config_str(cfg, "usage-topic");
     const char *inval = config_str(cfg, "invalidation-topic");
-    const char *inv_defaults[16];
-    char err[512];
-    size_t k = 0;
+    const char *inv_defaults[16], *usage_defaults[32];
+    char err[512], queue_kb[32];
+    size_t k = 0, u = 0;
 
     if (ig[0])
         snprintf(invalidation_group, size, "%s", ig);
@@ -325,6 +342,21 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
                 config_origin(cfg, "invalidation-group"), group);
         return 2;
     }
+    /* The pre-fetch queue of each token-usage member: its share. */
+    for (size_t i = 0; usage_consumer_kafka_defaults[i]; i += 2) {
+        usage_defaults[u++] = usage_consumer_kafka_defaults[i];
+        if (!strcmp(usage_consumer_kafka_defaults[i],
+                    "queued.max.messages.kbytes")) {
+            long long kb = atoll(usage_consumer_kafka_defaults[i + 1]) /
+                           config_int(cfg, "consumers");
+            snprintf(queue_kb, sizeof(queue_kb), "%lld",
+                     kb < MEMBER_QUEUE_MIN_KB ? MEMBER_QUEUE_MIN_KB : kb);
+            usage_defaults[u++] = queue_kb;
+        } else {
+            usage_defaults[u++] = usage_consumer_kafka_defaults[i + 1];
+        }
+    }
+    usage_defaults[u] = NULL;
     /* Without a committed offset the invalidations start as --start-from
      * says (token-usage positions come from Postgres). */
     for (size_t i = 0; invalidation_consumer_kafka_defaults[i]; i++)
@@ -367,8 +399,7 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
         if (pl->dlq)
             pl->kc = kafka_consumer_new(
                 cfg, config_str(cfg, "brokers"), pl->group,
-                pl->usage ? usage_consumer_kafka_defaults : inv_defaults, err,
-                sizeof(err));
+                pl->usage ? usage_defaults : inv_defaults, err, sizeof(err));
         if (!pl->dlq || !pl->kc) {
             fprintf(stderr, "tally worker: %s\n", err);
             return 2;
