@@ -12,6 +12,7 @@
 #include "invalidation_event.h"
 
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 
 #include <setjmp.h>
 #include <signal.h>
@@ -100,6 +101,17 @@ static void seed(const char *const *keys, size_t n)
         void *r = NULL;
         if (redisGetReply(admin, &r) != REDIS_OK)
             fail_msg("seed: %s", admin->errstr);
+        freeReplyObject(r);
+    }
+}
+
+/* Reads the replies of n commands appended to admin. */
+static void drain_replies(long n)
+{
+    for (long i = 0; i < n; i++) {
+        void *r = NULL;
+        if (redisGetReply(admin, &r) != REDIS_OK)
+            fail_msg("reply %ld: %s", i, admin->errstr);
         freeReplyObject(r);
     }
 }
@@ -586,6 +598,50 @@ static void test_odd_prefix(void **state)
 /* One SCAN pass                                                      */
 /* ------------------------------------------------------------------ */
 
+static char *next_message(redisContext *sub);
+
+/* A connection subscribed to CHANNEL, reads timing out after 5 s. */
+static redisContext *subscriber_open(void)
+{
+    struct timeval tv = {.tv_sec = 5};
+    redisContext *sub = admin_connect();
+    redisReply *r = redisCommand(sub, "SUBSCRIBE %s", CHANNEL);
+
+    assert_non_null(r);
+    freeReplyObject(r);
+    redisSetTimeout(sub, tv);
+    return sub;
+}
+
+/* No notice is left unread: the next message is the one sent now. */
+static void assert_no_more_notices(redisContext *sub)
+{
+    freeReplyObject(cmd("PUBLISH %s sentinel", CHANNEL));
+    char *msg = next_message(sub);
+    assert_string_equal(msg, "sentinel");
+    free(msg);
+}
+
+/* Reads notice i and checks that it holds `a` and `b` (NULL: only a). */
+static void next_notice_has(redisContext *sub, size_t i, const char *a,
+                            const char *b)
+{
+    char *msg = next_message(sub);
+    if (!strstr(msg, a) || (b && !strstr(msg, b)))
+        fail_msg("notice %zu: %s (want %s%s%s)", i, msg, a, b ? " and " : "",
+                 b ? b : "");
+    free(msg);
+}
+
+/* Frees the targets of e[0..n) and the arrays, which calloc made. */
+static void evs_free(ev_t *e, cache_job_t *jobs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        cache_targets_free(&e[i].t);
+    free(e);
+    free(jobs);
+}
+
 /* SCAN calls a full pass over the current key space takes. */
 static long scan_pass_calls(const char *pattern, long count)
 {
@@ -658,7 +714,13 @@ static void test_one_scan_pass(void **state)
     assert_int_equal(cmdstat_calls(r->str, "scan"), want);
     assert_int_equal(cmdstat_calls(r->str, "keys"), -1);
     assert_int_equal(cmdstat_calls(r->str, "publish"), 4);
-    assert_int_equal(cmdstat_calls(r->str, "unlink"), 62);
+    /* one UNLINK per job with exact keys, then per page at most one per
+     * job found in it (jobs 0-2 have prefixes); never a script */
+    long long unlinks = cmdstat_calls(r->str, "unlink");
+    assert_true(unlinks >= 2 + 3);
+    assert_true(unlinks <= 2 + 3 * want);
+    assert_int_equal(cmdstat_calls(r->str, "eval"), -1);
+    assert_int_equal(cmdstat_calls(r->str, "evalsha"), -1);
     freeReplyObject(r);
 
     assert_int_equal(jobs[0].deleted, 20);
@@ -695,11 +757,7 @@ static void test_large_batches(void **state)
         snprintf(key, sizeof(key), "cache:{t2}:document:d%d", i);
         redisAppendCommand(admin, "SET %s 1", key);
     }
-    for (int i = 0; i < 2 * N_AGENTS + N_DOCS; i++) {
-        void *r = NULL;
-        assert_int_equal(redisGetReply(admin, &r), REDIS_OK);
-        freeReplyObject(r);
-    }
+    drain_replies(2 * N_AGENTS + N_DOCS);
     for (int i = 0; i < N_AGENTS; i++) {
         snprintf(json, sizeof(json),
                  "{'tenant_id':'t1','data_type':'agent',"
@@ -722,6 +780,74 @@ static void test_large_batches(void **state)
         cache_targets_free(&e[i].t);
     free(e);
     free(jobs);
+    cache_free(c);
+}
+
+/* Many wildcards of many tenants in one batch: one SCAN pass serves
+ * them all, each job removes its own tenant's keys only (t1's prefix is
+ * neither t10's nor t100's), and each gets its notice, in order. */
+static void test_many_prefixes_one_pass(void **state)
+{
+    (void)state;
+    enum { JOBS = 60, TENANTS = 120, DOCS = 5 };
+    char key[128], json[256], want[64];
+    ev_t *e = calloc(JOBS, sizeof(*e));
+    cache_job_t *jobs = calloc(JOBS, sizeof(*jobs));
+    redisContext *sub = subscriber_open();
+    cache_t *c = cache_open();
+    redisReply *r;
+    int n = 0;
+
+    assert_non_null(e);
+    assert_non_null(jobs);
+    for (int t = 1; t <= TENANTS; t++) {
+        for (int d = 0; d < DOCS; d++, n++) {
+            snprintf(key, sizeof(key), "cache:{t%d}:document:d%d", t, d);
+            redisAppendCommand(admin, "SET %s 1", key);
+        }
+        snprintf(key, sizeof(key), "cache:{t%d}:agent:a1", t);
+        redisAppendCommand(admin, "SET %s 1", key);
+        n++;
+    }
+    drain_replies(n);
+    for (int j = 0; j < JOBS; j++) {
+        snprintf(json, sizeof(json),
+                 "{'tenant_id':'t%d','data_type':'document',"
+                 "'resource_id':'*','event_id':'w%d'}",
+                 j + 1, j);
+        ev_build(&e[j], json);
+        jobs[j] = ev_job(&e[j]);
+    }
+    usleep(300 * 1000); /* let a pending rehash finish: stable pass */
+    long pass = scan_pass_calls("cache:{t*", 10);
+    assert_true(pass >= 10);
+    cmd_ok("CONFIG RESETSTAT");
+    apply_ok(c, jobs, JOBS, 10);
+    r = cmd("INFO commandstats");
+    assert_int_equal(cmdstat_calls(r->str, "scan"), pass);
+    assert_int_equal(cmdstat_calls(r->str, "publish"), JOBS);
+    freeReplyObject(r);
+
+    for (int j = 0; j < JOBS; j++) {
+        assert_int_equal(jobs[j].deleted, DOCS);
+        assert_int_equal(jobs[j].prefix_matches, DOCS);
+    }
+    assert_int_equal(cmd_int("DBSIZE"), n - JOBS * DOCS);
+    for (int t = JOBS + 1; t <= TENANTS; t++) /* t61..t120: t100 too */
+        for (int d = 0; d < DOCS; d++) {
+            snprintf(key, sizeof(key), "cache:{t%d}:document:d%d", t, d);
+            if (!exists(key))
+                fail_msg("%s should exist", key);
+        }
+    for (int j = 0; j < JOBS; j++) {
+        snprintf(want, sizeof(want), "\"deleted\":%d,\"event_id\":\"w%d\"}",
+                 DOCS, j);
+        next_notice_has(sub, (size_t)j, want, NULL);
+    }
+    assert_no_more_notices(sub);
+
+    redisFree(sub);
+    evs_free(e, jobs, JOBS);
     cache_free(c);
 }
 
@@ -767,17 +893,10 @@ static void test_notices(void **state)
         "\"cache:{t1}:conversation_messages_list:conv=c9:\"],"
         "\"deleted\":2,\"event_id\":\"ev \\\"3\\\"\"}",
     };
-    struct timeval tv = {.tv_sec = 5};
-    redisContext *sub = admin_connect();
-    redisReply *r;
+    redisContext *sub = subscriber_open();
     ev_t e[3];
     cache_job_t jobs[3];
     cache_t *c = cache_open();
-
-    r = redisCommand(sub, "SUBSCRIBE %s", CHANNEL);
-    assert_non_null(r);
-    freeReplyObject(r);
-    redisSetTimeout(sub, tv);
 
     seed(keys, N(keys));
     ev_build(&e[0], "{'tenant_id':'t1','data_type':'agent',"
@@ -797,10 +916,7 @@ static void test_notices(void **state)
         free(msg);
     }
     /* nothing more: the next message is ours */
-    freeReplyObject(cmd("PUBLISH %s sentinel", CHANNEL));
-    char *msg = next_message(sub);
-    assert_string_equal(msg, "sentinel");
-    free(msg);
+    assert_no_more_notices(sub);
 
     redisFree(sub);
     for (size_t i = 0; i < N(e); i++)
@@ -808,11 +924,153 @@ static void test_notices(void **state)
     cache_free(c);
 }
 
+/* Thousands of exact jobs in one batch (the pipeline goes out in
+ * several pieces): one UNLINK per job, each job's count its own, a key
+ * two jobs name counted for the first, t1's keys apart from t10's, one
+ * notice per job in order. */
+static void test_exact_many(void **state)
+{
+    (void)state;
+    enum { JOBS = 3000 };
+    char key[128], json[256], want[64];
+    ev_t *e = calloc(JOBS, sizeof(*e));
+    cache_job_t *jobs = calloc(JOBS, sizeof(*jobs));
+    redisContext *sub = subscriber_open();
+    cache_t *c = cache_open();
+    redisReply *r;
+    long long survivors = 0;
+    int seeded = 0;
+
+    assert_non_null(e);
+    assert_non_null(jobs);
+    for (int i = 0; i < JOBS; i++) {
+        if (i % 3 == 0) { /* t1 agent cascade: 2 of its 3 keys exist */
+            snprintf(json, sizeof(json),
+                     "{'tenant_id':'t1','data_type':'agent',"
+                     "'resource_id':'a%d','cascade':true}",
+                     i);
+            redisAppendCommand(admin, "SET cache:{t1}:agent:a%d 1", i);
+            redisAppendCommand(admin, "SET cache:{t1}:agent_tools:a%d 1", i);
+            redisAppendCommand(admin, "SET cache:{t10}:agent:a%d 1", i);
+            seeded += 3;
+            survivors++;
+        } else if (i % 3 == 1) { /* t10 document, every other one exists */
+            snprintf(json, sizeof(json),
+                     "{'tenant_id':'t10','data_type':'document',"
+                     "'resource_id':'d%d','event_id':'e%d'}",
+                     i, i);
+            if (i % 2) {
+                redisAppendCommand(admin, "SET cache:{t10}:document:d%d 1", i);
+                seeded++;
+            }
+            redisAppendCommand(admin, "SET cache:{t1}:document:d%d 1", i);
+            seeded++;
+            survivors++;
+        } else { /* the key job i-2 removed: nothing left for it */
+            snprintf(json, sizeof(json),
+                     "{'tenant_id':'t1','data_type':'agent',"
+                     "'resource_id':'a%d'}",
+                     i - 2);
+        }
+        ev_build(&e[i], json);
+        jobs[i] = ev_job(&e[i]);
+    }
+    drain_replies(seeded);
+    cmd_ok("CONFIG RESETSTAT");
+    apply_ok(c, jobs, JOBS, 100);
+    r = cmd("INFO commandstats");
+    assert_int_equal(cmdstat_calls(r->str, "unlink"), JOBS);
+    assert_int_equal(cmdstat_calls(r->str, "publish"), JOBS);
+    assert_int_equal(cmdstat_calls(r->str, "scan"), -1);
+    freeReplyObject(r);
+
+    for (int i = 0; i < JOBS; i++) {
+        long want_deleted = i % 3 == 0 ? 2 : i % 3 == 1 ? i % 2 : 0;
+        if ((long)jobs[i].deleted != want_deleted)
+            fail_msg("job %d: deleted %llu, want %ld", i,
+                     (unsigned long long)jobs[i].deleted, want_deleted);
+    }
+    assert_int_equal(cmd_int("DBSIZE"), survivors);
+    for (int i = 0; i < JOBS; i += 3) {
+        snprintf(key, sizeof(key), "cache:{t10}:agent:a%d", i);
+        if (!exists(key))
+            fail_msg("%s should exist", key);
+        snprintf(key, sizeof(key), "cache:{t1}:document:d%d", i + 1);
+        if (!exists(key))
+            fail_msg("%s should exist", key);
+    }
+    for (int i = 0; i < JOBS; i++) {
+        /* in order: the job's own first key, its own count */
+        snprintf(want, sizeof(want), "\"deleted\":%llu",
+                 (unsigned long long)jobs[i].deleted);
+        next_notice_has(sub, (size_t)i, e[i].t.items[0].str, want);
+    }
+    assert_no_more_notices(sub);
+
+    redisFree(sub);
+    evs_free(e, jobs, JOBS);
+    cache_free(c);
+}
+
+/* The notice as jansson's json_dumps(JSON_COMPACT) would write it,
+ * whatever the strings hold (quotes, backslashes, '/', DEL, UTF-8, and
+ * control characters, which only a hand-made job can carry); a string
+ * that is not UTF-8 fails the call after the deletes, as before. */
+static void test_notice_escaping(void **state)
+{
+    (void)state;
+    static const char odd[] = "q\"b\\s/ \xc3\xa9 \xe6\x97\xa5 \xf0\x9f\x98\x80 "
+                              "\x7f \x01\x1f\n\t\b\f\r end";
+    redisContext *sub = subscriber_open();
+    char err[512] = "";
+    ev_t e;
+    cache_job_t job;
+    cache_t *c = cache_open();
+
+    ev_build(&e, "{'tenant_id':'t1','data_type':'agent',"
+                 "'resource_id':'a1','cascade':true}");
+    cmd_ok("SET cache:{t1}:agent:a1 1");
+    snprintf(e.inv.event_id, sizeof(e.inv.event_id), "%s", odd);
+    job = ev_job(&e);
+    apply_ok(c, &job, 1, 100);
+    assert_int_equal(job.deleted, 1);
+
+    json_t *keys = json_array(), *root = json_object();
+    for (size_t i = 0; i < e.t.n; i++)
+        json_array_append_new(keys, json_string(e.t.items[i].str));
+    json_object_set_new(root, "tenant_id", json_string("t1"));
+    json_object_set_new(root, "keys", keys);
+    json_object_set_new(root, "prefixes", json_array());
+    json_object_set_new(root, "deleted", json_integer(1));
+    json_object_set_new(root, "event_id", json_string(odd));
+    char *want = json_dumps(root, JSON_COMPACT);
+    assert_non_null(want);
+    char *msg = next_message(sub);
+    assert_string_equal(msg, want);
+    free(msg);
+    free(want);
+    json_decref(root);
+
+    /* not UTF-8: refused, the key deleted all the same */
+    cmd_ok("SET cache:{t1}:agent:a1 1");
+    snprintf(e.inv.event_id, sizeof(e.inv.event_id), "bad \xff byte");
+    assert_int_equal(cache_apply(c, &job, 1, CHANNEL, 100, err, sizeof(err)),
+                     -1);
+    assert_non_null(strstr(err, "notice"));
+    assert_false(exists("cache:{t1}:agent:a1"));
+
+    redisFree(sub);
+    cache_targets_free(&e.t);
+    cache_free(c);
+}
+
 /* ------------------------------------------------------------------ */
 /* Scripts, AUTH, SELECT                                              */
 /* ------------------------------------------------------------------ */
 
-static void test_noscript(void **state)
+/* No script is involved (plain UNLINK and PUBLISH): a flushed script
+ * cache changes nothing. */
+static void test_no_scripts(void **state)
 {
     (void)state;
     static const char *const keys[] = {
@@ -831,7 +1089,7 @@ static void test_noscript(void **state)
                     "'resource_id':'*'}");
     jobs[0] = ev_job(&e[0]);
     jobs[1] = ev_job(&e[1]);
-    apply_ok(c, jobs, 2, 100); /* connects, loads the script */
+    apply_ok(c, jobs, 2, 100); /* connects */
 
     for (int round = 0; round < 2; round++) {
         seed(keys, N(keys));
@@ -842,7 +1100,9 @@ static void test_noscript(void **state)
         assert_int_equal(jobs[1].deleted, 2);
         assert_true(cache_is_connected(c));
         r = cmd("INFO commandstats");
-        assert_true(cmdstat_calls(r->str, "eval") >= 1); /* the fallback */
+        assert_int_equal(cmdstat_calls(r->str, "eval"), -1);
+        assert_int_equal(cmdstat_calls(r->str, "evalsha"), -1);
+        assert_int_equal(cmdstat_calls(r->str, "script"), -1);
         freeReplyObject(r);
     }
     for (size_t i = 0; i < N(e); i++)
@@ -914,7 +1174,7 @@ static void test_auth_select(void **state)
     cache_free(c);
     c = cache_open_url("redis://%s:%d", redis_host, redis_port);
     assert_int_equal(cache_connect(c, err, sizeof(err)), -1);
-    assert_non_null(strstr(err, "SCRIPT LOAD")); /* NOAUTH on first use */
+    assert_non_null(strstr(err, "PING")); /* NOAUTH on first use */
     cache_free(c);
     cmd_ok("ACL SETUSER default resetpass nopass");
 
@@ -1165,8 +1425,12 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_odd_prefix, setup, teardown),
         cmocka_unit_test_setup_teardown(test_one_scan_pass, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large_batches, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_many_prefixes_one_pass, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_notices, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_noscript, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_exact_many, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_notice_escaping, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_no_scripts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_auth_select, setup, teardown),
         cmocka_unit_test_setup_teardown(test_connection_killed, setup,
                                         teardown),

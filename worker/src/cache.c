@@ -4,7 +4,6 @@
 #include "log.h"
 
 #include <hiredis/hiredis.h>
-#include <jansson.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -13,23 +12,67 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #define CACHE_PORT_DEFAULT 6379
 #define CACHE_CONNECT_TIMEOUT_S 5
 #define CACHE_COMMAND_TIMEOUT_S 30
-/* Keys per EVALSHA: big enough to amortise the call, small enough that
- * one script run never blocks Redis for long. */
-#define CACHE_UNLINK_CHUNK 512
+/* Keys per UNLINK (a job's keys found in one SCAN page can be many):
+ * one command stays short, so that Redis serves other clients between
+ * commands. Pipelined commands are handed to the socket in pieces of
+ * about CACHE_SEND_BYTES, so that Redis starts on the first ones while
+ * the next ones are being written. */
+#define CACHE_UNLINK_KEYS 512
+#define CACHE_SEND_BYTES 65536
 #define CACHE_SCAN_COUNT_DEFAULT 1000
-#define CACHE_SHA_LEN 40
 
-/* UNLINKs each of KEYS and returns, in order, what UNLINK said for it
- * (1 removed, 0 absent): one command for many keys with each key's
- * outcome known, which a multi-key UNLINK (a total) cannot give. */
-static const char unlink_script[] =
-    "local r = {}\n"
-    "for i = 1, #KEYS do r[i] = redis.call('UNLINK', KEYS[i]) end\n"
-    "return r\n";
+/* A growable byte buffer; `oom` sticks once an allocation failed. */
+typedef struct {
+    char *p;
+    size_t len;
+    size_t cap;
+    bool oom;
+} buf_t;
+
+/* A string that lives elsewhere (a job's targets, a SCAN reply) and the
+ * job it belongs to. */
+typedef struct {
+    const char *s;
+    size_t len;
+    size_t job;
+} span_t;
+
+/* A growable array of spans: grows by doubling, so its size follows the
+ * batch (exact keys) or one SCAN page, never the key space. */
+typedef struct {
+    span_t *v;
+    size_t n;
+    size_t cap;
+} spans_t;
+
+/* Keys of one job, spans v[from .. from+n) of some spans_t. */
+typedef struct {
+    size_t job;
+    size_t from;
+    size_t n;
+} group_t;
+
+typedef struct {
+    group_t *v;
+    size_t n;
+    size_t cap;
+} groups_t;
+
+/* What cache_apply() reuses from one call to the next, so that a call
+ * allocates nothing once the buffers have grown to the batch's size. */
+typedef struct {
+    buf_t cmd;    /* commands in the wire format, not yet sent */
+    buf_t note;   /* one notice */
+    spans_t keys; /* exact keys, then one page's selected keys */
+    spans_t prev; /* the previous page's selected keys */
+    spans_t prefixes;
+    groups_t groups;
+} apply_bufs_t;
 
 struct cache {
     char *host;
@@ -38,9 +81,7 @@ struct cache {
     char *user;        /* NULL: AUTH without a user name */
     char *password;    /* NULL: no AUTH */
     redisContext *ctx; /* NULL when not connected */
-    /* SHA1 of unlink_script as SCRIPT LOAD returned it; "" when the
-     * server refused SCRIPT LOAD (then every call is an EVAL). */
-    char sha[CACHE_SHA_LEN + 1];
+    apply_bufs_t bufs;
 };
 
 __attribute__((format(printf, 3, 4))) static void
@@ -270,6 +311,12 @@ void cache_free(cache_t *c)
     if (!c)
         return;
     cache_disconnect(c);
+    free(c->bufs.cmd.p);
+    free(c->bufs.note.p);
+    free(c->bufs.keys.v);
+    free(c->bufs.prev.v);
+    free(c->bufs.prefixes.v);
+    free(c->bufs.groups.v);
     free(c->host);
     free(c->user);
     if (c->password) {
@@ -336,9 +383,9 @@ int cache_ping(cache_t *c, char *errstr, size_t errstr_size)
     return 0;
 }
 
-/* Connects, authenticates, selects the database and loads the UNLINK
- * script; a context that failed any step is freed, never kept, so that
- * the next call starts anew. */
+/* Connects, authenticates, selects the database and PINGs; a context
+ * that failed any step is freed, never kept, so that the next call
+ * starts anew. */
 int cache_connect(cache_t *c, char *errstr, size_t errstr_size)
 {
     struct timeval tv = {.tv_sec = CACHE_CONNECT_TIMEOUT_S};
@@ -402,36 +449,14 @@ int cache_connect(cache_t *c, char *errstr, size_t errstr_size)
         reply = NULL;
     }
 
-    argv[0] = "SCRIPT";
-    argvlen[0] = 6;
-    argv[1] = "LOAD";
-    argvlen[1] = 4;
-    argv[2] = unlink_script;
-    argvlen[2] = sizeof(unlink_script) - 1;
-    reply = redisCommandArgv(ctx, 3, argv, argvlen);
-    if (!reply) {
-        set_err(errstr, errstr_size, "redis %s:%d: SCRIPT LOAD: %s", c->host,
-                c->port, ctx->err ? ctx->errstr : "no reply");
+    /* A first command, so that a server that wants a password (NOAUTH)
+     * or is still loading (LOADING) is found here, not halfway through a
+     * batch. */
+    argv[0] = "PING";
+    argvlen[0] = 4;
+    reply = run(c, ctx, "PING", 1, argv, argvlen, errstr, errstr_size);
+    if (!reply)
         goto out;
-    }
-    if (reply->type == REDIS_REPLY_STRING && reply->len == CACHE_SHA_LEN) {
-        memcpy(c->sha, reply->str, CACHE_SHA_LEN);
-        c->sha[CACHE_SHA_LEN] = '\0';
-    } else if (reply->type == REDIS_REPLY_ERROR &&
-               strncmp(reply->str, "NOPERM", 6) == 0) {
-        /* An ACL that allows EVAL but not SCRIPT: carry on with EVAL,
-         * which costs only the script's bytes per call. */
-        log_warn("redis %s:%d: SCRIPT LOAD refused (%s); using EVAL", c->host,
-                 c->port, reply->str);
-        c->sha[0] = '\0';
-    } else {
-        /* NOAUTH (a password is needed), LOADING, ...: not usable. */
-        set_err(errstr, errstr_size, "redis %s:%d: SCRIPT LOAD failed: %s",
-                c->host, c->port,
-                reply->type == REDIS_REPLY_ERROR ? reply->str
-                                                 : "unexpected reply");
-        goto out;
-    }
 
     c->ctx = ctx;
     ctx = NULL; /* owned by c */
@@ -444,97 +469,304 @@ out:
 }
 
 /* ------------------------------------------------------------------ */
-/* Applying invalidations                                             */
+/* Buffers and the wire format                                        */
 /* ------------------------------------------------------------------ */
 
-/* A string that lives elsewhere (a job's targets, a SCAN reply) and the
- * job it belongs to. */
-typedef struct {
-    const char *s;
-    size_t len;
-    size_t job;
-} span_t;
-
-/* A growable array of spans: grows by doubling, so its size follows the
- * batch (exact keys) or one SCAN page, never the key space. */
-typedef struct {
-    span_t *v;
-    size_t n;
+/* Makes room for `more` bytes after b->len; sets b->oom when it cannot. */
+static void buf_reserve(buf_t *b, size_t more)
+{
     size_t cap;
-} spans_t;
+    char *p;
+
+    if (b->oom || more <= b->cap - b->len)
+        return;
+    cap = b->cap ? b->cap : 4096;
+    while (cap - b->len < more) {
+        if (cap > SIZE_MAX / 2) {
+            b->oom = true;
+            return;
+        }
+        cap *= 2;
+    }
+    p = realloc(b->p, cap);
+    if (!p) {
+        b->oom = true;
+        return;
+    }
+    b->p = p;
+    b->cap = cap;
+}
+
+/* Appends s[0..n). Inline with a fast path: the many small pieces of a
+ * command or a notice cost a compare and a copy each. */
+static inline void buf_put(buf_t *b, const void *s, size_t n)
+{
+    if (n > b->cap - b->len) {
+        buf_reserve(b, n);
+        if (b->oom)
+            return;
+    }
+    if (n > 0)
+        memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+/* Writes v in decimal at the start of out (room for 20 digits); returns
+ * the number of digits. */
+static size_t fmt_uint(char out[24], uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof(tmp), n;
+
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    n = sizeof(tmp) - i;
+    memcpy(out, tmp + i, n);
+    return n;
+}
+
+static void buf_put_uint(buf_t *b, uint64_t v)
+{
+    char d[24];
+    buf_put(b, d, fmt_uint(d, v));
+}
+
+/* The start of a command of argc arguments: "*<argc>\r\n". */
+static void resp_begin(buf_t *b, size_t argc)
+{
+    buf_put(b, "*", 1);
+    buf_put_uint(b, argc);
+    buf_put(b, "\r\n", 2);
+}
+
+/* One argument of a command: "$<len>\r\n<bytes>\r\n". */
+static void resp_arg(buf_t *b, const char *s, size_t n)
+{
+    buf_put(b, "$", 1);
+    buf_put_uint(b, n);
+    buf_put(b, "\r\n", 2);
+    buf_put(b, s, n);
+    buf_put(b, "\r\n", 2);
+}
+
+/* Grows an array of `size`-byte elements to hold `need`; 0 or -1. */
+static int grow(void **v, size_t *cap, size_t need, size_t size)
+{
+    size_t n = *cap ? *cap : 64;
+    void *p;
+
+    if (need <= *cap)
+        return 0;
+    while (n < need)
+        n *= 2;
+    p = realloc(*v, n * size);
+    if (!p)
+        return -1;
+    *v = p;
+    *cap = n;
+    return 0;
+}
 
 static int spans_push(spans_t *a, const char *s, size_t len, size_t job)
 {
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 64;
-        span_t *v = realloc(a->v, cap * sizeof(*v));
-        if (!v)
-            return -1;
-        a->v = v;
-        a->cap = cap;
-    }
+    if (grow((void **)&a->v, &a->cap, a->n + 1, sizeof(*a->v)) != 0)
+        return -1;
     a->v[a->n++] = (span_t){.s = s, .len = len, .job = job};
     return 0;
 }
 
-/* Byte order, then length (a proper prefix first). */
-static int bytes_cmp(const char *a, size_t alen, const char *b, size_t blen)
+static int groups_push(groups_t *a, size_t job, size_t from, size_t n)
 {
-    int r = memcmp(a, b, alen < blen ? alen : blen);
-    if (r != 0)
-        return r;
-    return alen < blen ? -1 : alen > blen;
+    if (grow((void **)&a->v, &a->cap, a->n + 1, sizeof(*a->v)) != 0)
+        return -1;
+    a->v[a->n++] = (group_t){.job = job, .from = from, .n = n};
+    return 0;
 }
 
-/* Same strings end up next to each other, the lowest job first. */
-static int span_cmp(const void *pa, const void *pb)
-{
-    const span_t *a = pa, *b = pb;
-    int r = bytes_cmp(a->s, a->len, b->s, b->len);
-    if (r != 0)
-        return r;
-    return a->job < b->job ? -1 : a->job > b->job;
-}
+/* ------------------------------------------------------------------ */
+/* Notices                                                            */
+/* ------------------------------------------------------------------ */
 
-/* Sorts a and keeps one span per string, the one of the lowest job. */
-static void spans_sort_unique(spans_t *a)
+/* Length of the UTF-8 sequence at s[0..n) (1..4), or 0 when it is not
+ * valid UTF-8: stray continuation bytes, overlong forms, surrogates and
+ * code points past U+10FFFF are refused, as jansson refuses them. */
+static size_t utf8_len(const unsigned char *s, size_t n)
 {
-    size_t w = 0;
+    unsigned char c = s[0];
+    uint32_t cp;
+    size_t len;
 
-    if (a->n < 2)
-        return;
-    qsort(a->v, a->n, sizeof(*a->v), span_cmp);
-    for (size_t i = 1; i < a->n; i++) {
-        if (bytes_cmp(a->v[w].s, a->v[w].len, a->v[i].s, a->v[i].len) != 0)
-            a->v[++w] = a->v[i];
+    if (c < 0x80)
+        return 1;
+    if (c < 0xC2)
+        return 0;
+    if (c < 0xE0) {
+        len = 2;
+        cp = c & 0x1F;
+    } else if (c < 0xF0) {
+        len = 3;
+        cp = c & 0x0F;
+    } else if (c < 0xF5) {
+        len = 4;
+        cp = c & 0x07;
+    } else {
+        return 0;
     }
-    a->n = w + 1;
+    if (len > n)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return len;
 }
+
+/* Writes s[0..n) as a JSON string escaped exactly as jansson's
+ * json_dumps() escapes it, so that notices stay byte for byte what they
+ * were: '"' and '\\' escaped, control characters below 0x20 as \b \f \n
+ * \r \t or \u00XX, everything else (DEL, '/', non-ASCII) as it is.
+ * false when s is not valid UTF-8 (jansson refuses such strings). Runs
+ * of plain bytes are copied at once: no per-character call. */
+static bool json_put_string(buf_t *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const unsigned char *u = (const unsigned char *)s;
+    size_t run = 0, i = 0;
+
+    buf_put(b, "\"", 1);
+    while (i < n) {
+        unsigned char ch = u[i];
+        char esc[6];
+        size_t elen = 2;
+
+        if (ch >= 0x80) {
+            size_t l = utf8_len(u + i, n - i);
+            if (l == 0)
+                return false;
+            i += l;
+            continue;
+        }
+        if (ch >= 0x20 && ch != '"' && ch != '\\') {
+            i++;
+            continue;
+        }
+        buf_put(b, s + run, i - run);
+        esc[0] = '\\';
+        switch (ch) {
+        case '"':
+        case '\\':
+            esc[1] = (char)ch;
+            break;
+        case '\b':
+            esc[1] = 'b';
+            break;
+        case '\f':
+            esc[1] = 'f';
+            break;
+        case '\n':
+            esc[1] = 'n';
+            break;
+        case '\r':
+            esc[1] = 'r';
+            break;
+        case '\t':
+            esc[1] = 't';
+            break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = hex[ch >> 4];
+            esc[5] = hex[ch & 0xF];
+            elen = 6;
+        }
+        buf_put(b, esc, elen);
+        run = ++i;
+    }
+    buf_put(b, s + run, n - run);
+    buf_put(b, "\"", 1);
+    return true;
+}
+
+/* Writes job's notice into b (emptied first), compact JSON with the
+ * fields in the contract's order:
+ *   {"tenant_id":..,"keys":[..],"prefixes":[..],"deleted":N,"event_id":..}
+ * (event_id only when set) without N: *cut is where N goes, b holds the
+ * text before and after it. 0, or -1 with errstr (a string that is not
+ * UTF-8, or no memory). */
+static int notice_build(buf_t *b, const cache_job_t *job, size_t *cut,
+                        char *errstr, size_t errstr_size)
+{
+    const cache_targets_t *t = job->targets;
+    bool ok = true;
+
+    b->len = 0;
+    buf_put(b, "{\"tenant_id\":", 13);
+    ok &= json_put_string(b, job->tenant_id, strlen(job->tenant_id));
+    for (int prefixes = 0; prefixes < 2; prefixes++) {
+        cache_target_kind_t kind =
+            prefixes ? CACHE_TARGET_PREFIX : CACHE_TARGET_KEY;
+        bool first = true;
+        if (prefixes)
+            buf_put(b, "],\"prefixes\":[", 14);
+        else
+            buf_put(b, ",\"keys\":[", 9);
+        for (size_t i = 0; i < t->n; i++) {
+            if (t->items[i].kind != kind)
+                continue;
+            if (!first)
+                buf_put(b, ",", 1);
+            first = false;
+            ok &= json_put_string(b, t->items[i].str, t->items[i].len);
+        }
+    }
+    buf_put(b, "],\"deleted\":", 12);
+    *cut = b->len;
+    if (job->event_id && job->event_id[0]) {
+        buf_put(b, ",\"event_id\":", 12);
+        ok &= json_put_string(b, job->event_id, strlen(job->event_id));
+    }
+    buf_put(b, "}", 1);
+    if (!ok || b->oom) {
+        set_err(errstr, errstr_size,
+                "cache: cannot build the notice (invalid UTF-8 in "
+                "tenant_id, event_id or a key, or out of memory)");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Applying invalidations                                             */
+/* ------------------------------------------------------------------ */
 
 /* State of one cache_apply() call. */
 typedef struct {
     cache_t *c;
+    apply_bufs_t *bufs;
     cache_job_t *jobs;
     size_t n_jobs;
+    const char *channel;
     char *errstr;
     size_t errstr_size;
 
-    /* Every prefix of every job, sorted and unique (lowest job kept).
-     * A key's job is found by looking up the key's own prefixes that
-     * end in a byte some prefix ends in (':' for all real ones). */
-    spans_t prefixes;
+    /* A key's job is found by looking up the key's own prefixes that
+     * end in a byte some job's prefix ends in (':' for all real ones)
+     * among every prefix of every job (bufs->prefixes: sorted, unique,
+     * lowest job kept). */
     bool prefix_end[256];
     size_t prefix_min_len;
     size_t prefix_max_len;
     char *pattern; /* SCAN MATCH: the common prefix, glob-escaped, '*' */
     char count[24];
 
-    spans_t sel; /* keys to UNLINK in the next round trip */
-    const char *argv[3 + CACHE_UNLINK_CHUNK];
-    size_t argvlen[3 + CACHE_UNLINK_CHUNK];
-
-    unsigned long scans; /* SCAN calls made */
-    unsigned long trips; /* round trips */
+    unsigned long scans;   /* SCAN calls made */
+    unsigned long unlinks; /* UNLINK commands sent */
+    unsigned long trips;   /* round trips waited for */
 } apply_t;
 
 /* Records an I/O failure (the context is unusable) in errstr. */
@@ -543,6 +775,12 @@ static void fail_io(apply_t *a, const char *what)
     redisContext *ctx = a->c->ctx;
     set_err(a->errstr, a->errstr_size, "redis %s:%d: %s: %s", a->c->host,
             a->c->port, what, ctx && ctx->err ? ctx->errstr : "no reply");
+}
+
+static int fail_nomem(apply_t *a)
+{
+    set_err(a->errstr, a->errstr_size, "cache: out of memory");
+    return -1;
 }
 
 /* Reads the next pipelined reply into *reply (the caller frees it).
@@ -561,15 +799,165 @@ static int read_reply(apply_t *a, const char *what, redisReply **reply)
     return 0;
 }
 
+/* Hands the command in bufs->cmd to hiredis and writes what the socket
+ * takes now, so that Redis starts on it while the next one is built. */
+static int send_cmd(apply_t *a, const char *what)
+{
+    int done = 0;
+
+    if (a->bufs->cmd.oom)
+        return fail_nomem(a);
+    if (redisAppendFormattedCommand(a->c->ctx, a->bufs->cmd.p,
+                                    a->bufs->cmd.len) != REDIS_OK ||
+        redisBufferWrite(a->c->ctx, &done) != REDIS_OK) {
+        fail_io(a, what);
+        return -1;
+    }
+    return 0;
+}
+
+/* Byte order, then length (a proper prefix first). */
+static int bytes_cmp(const char *a, size_t alen, const char *b, size_t blen)
+{
+    int r = memcmp(a, b, alen < blen ? alen : blen);
+    if (r != 0)
+        return r;
+    return alen < blen ? -1 : alen > blen;
+}
+
+/* Same strings next to each other, the lowest job first. */
+static int span_cmp(const void *pa, const void *pb)
+{
+    const span_t *a = pa, *b = pb;
+    int r = bytes_cmp(a->s, a->len, b->s, b->len);
+    if (r != 0)
+        return r;
+    return a->job < b->job ? -1 : a->job > b->job;
+}
+
+/* Job first, then bytes: one job's keys in a run. */
+static int span_job_cmp(const void *pa, const void *pb)
+{
+    const span_t *a = pa, *b = pb;
+    if (a->job != b->job)
+        return a->job < b->job ? -1 : 1;
+    return bytes_cmp(a->s, a->len, b->s, b->len);
+}
+
+/* Sorts a and keeps one span per string, the one of the lowest job. */
+static void spans_sort_unique(spans_t *a)
+{
+    size_t w = 0;
+
+    if (a->n < 2)
+        return;
+    qsort(a->v, a->n, sizeof(*a->v), span_cmp);
+    for (size_t i = 1; i < a->n; i++) {
+        if (bytes_cmp(a->v[w].s, a->v[w].len, a->v[i].s, a->v[i].len) != 0)
+            a->v[++w] = a->v[i];
+    }
+    a->n = w + 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Deletes                                                            */
+/* ------------------------------------------------------------------ */
+
+/* Puts every job's exact keys into bufs->keys, in job order, and one
+ * group per job that has some. */
+static int group_exact_keys(apply_t *a)
+{
+    apply_bufs_t *bb = a->bufs;
+
+    bb->keys.n = 0;
+    bb->groups.n = 0;
+    for (size_t j = 0; j < a->n_jobs; j++) {
+        const cache_targets_t *t = a->jobs[j].targets;
+        size_t from = bb->keys.n;
+        for (size_t i = 0; i < t->n; i++) {
+            const cache_target_t *it = &t->items[i];
+            if (it->kind == CACHE_TARGET_KEY &&
+                spans_push(&bb->keys, it->str, it->len, j) != 0)
+                return fail_nomem(a);
+        }
+        if (bb->keys.n > from &&
+            groups_push(&bb->groups, j, from, bb->keys.n - from) != 0)
+            return fail_nomem(a);
+    }
+    return 0;
+}
+
+/* Sends one UNLINK per group of bufs->groups (its keys, spans of
+ * `keys`), pipelined; nothing is read here. */
+static int send_unlinks(apply_t *a, const spans_t *keys)
+{
+    apply_bufs_t *bb = a->bufs;
+
+    bb->cmd.len = 0;
+    for (size_t g = 0; g < bb->groups.n; g++) {
+        const group_t *gr = &bb->groups.v[g];
+        resp_begin(&bb->cmd, 1 + gr->n);
+        resp_arg(&bb->cmd, "UNLINK", 6);
+        for (size_t k = 0; k < gr->n; k++)
+            resp_arg(&bb->cmd, keys->v[gr->from + k].s,
+                     keys->v[gr->from + k].len);
+        if (bb->cmd.len >= CACHE_SEND_BYTES || g + 1 == bb->groups.n) {
+            if (send_cmd(a, "UNLINK") != 0)
+                return -1;
+            bb->cmd.len = 0;
+        }
+    }
+    a->unlinks += bb->groups.n;
+    return 0;
+}
+
+/* Reads the reply of group g's UNLINK (sent by send_unlinks()) and adds
+ * its count to the group's job. */
+static int read_unlink(apply_t *a, size_t g)
+{
+    const group_t *gr = &a->bufs->groups.v[g];
+    redisReply *reply = NULL;
+
+    if (read_reply(a, "UNLINK", &reply) != 0)
+        return -1;
+    if (reply->type != REDIS_REPLY_INTEGER || reply->integer < 0 ||
+        (uint64_t)reply->integer > gr->n) {
+        set_err(a->errstr, a->errstr_size, "redis %s:%d: UNLINK: %s",
+                a->c->host, a->c->port,
+                reply->type == REDIS_REPLY_ERROR ? reply->str
+                                                 : "unexpected reply");
+        freeReplyObject(reply);
+        return -1;
+    }
+    a->jobs[gr->job].deleted += (uint64_t)reply->integer;
+    freeReplyObject(reply);
+    return 0;
+}
+
+/* Reads the replies of send_unlinks(), in order. */
+static int read_unlinks(apply_t *a)
+{
+    for (size_t g = 0; g < a->bufs->groups.n; g++)
+        if (read_unlink(a, g) != 0)
+            return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Prefixes: one SCAN pass                                            */
+/* ------------------------------------------------------------------ */
+
 /* Gathers the prefixes, their common prefix and the SCAN pattern. */
 static int prepare_prefixes(apply_t *a, long scan_count)
 {
+    spans_t *pf = &a->bufs->prefixes;
     const char *first = NULL;
     size_t lcp = 0;
     char *common = NULL;
     size_t need;
     int rc = -1;
 
+    pf->n = 0;
     a->prefix_min_len = SIZE_MAX;
     for (size_t j = 0; j < a->n_jobs; j++) {
         const cache_targets_t *t = a->jobs[j].targets;
@@ -582,7 +970,7 @@ static int prepare_prefixes(apply_t *a, long scan_count)
                         "cache: job %zu has an empty prefix", j);
                 goto out;
             }
-            if (spans_push(&a->prefixes, it->str, it->len, j) != 0)
+            if (spans_push(pf, it->str, it->len, j) != 0)
                 goto nomem;
             a->prefix_end[(unsigned char)it->str[it->len - 1]] = true;
             if (it->len < a->prefix_min_len)
@@ -600,9 +988,9 @@ static int prepare_prefixes(apply_t *a, long scan_count)
             }
         }
     }
-    if (a->prefixes.n == 0)
+    if (pf->n == 0)
         return 0;
-    spans_sort_unique(&a->prefixes);
+    spans_sort_unique(pf);
 
     common = strndup(first, lcp);
     if (!common)
@@ -620,7 +1008,7 @@ static int prepare_prefixes(apply_t *a, long scan_count)
     rc = 0;
     goto out;
 nomem:
-    set_err(a->errstr, a->errstr_size, "cache: out of memory");
+    fail_nomem(a);
 out:
     free(common);
     return rc;
@@ -629,11 +1017,12 @@ out:
 /* The prefix entry equal to key[0..len), or NULL. */
 static const span_t *prefix_find(const apply_t *a, const char *key, size_t len)
 {
-    size_t lo = 0, hi = a->prefixes.n;
+    const spans_t *pf = &a->bufs->prefixes;
+    size_t lo = 0, hi = pf->n;
 
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        const span_t *p = &a->prefixes.v[mid];
+        const span_t *p = &pf->v[mid];
         int r = bytes_cmp(key, len, p->s, p->len);
         if (r == 0)
             return p;
@@ -672,140 +1061,42 @@ static bool prefix_owner(const apply_t *a, const char *key, size_t len,
     return true;
 }
 
-/* Appends EVALSHA (or EVAL) for sel[from .. from+n), n <= chunk. */
-static int append_unlink(apply_t *a, size_t from, size_t n, bool eval)
-{
-    char numkeys[24];
-    int argc = 0;
-
-    if (eval || a->c->sha[0] == '\0') {
-        a->argv[argc] = "EVAL";
-        a->argvlen[argc++] = 4;
-        a->argv[argc] = unlink_script;
-        a->argvlen[argc++] = sizeof(unlink_script) - 1;
-    } else {
-        a->argv[argc] = "EVALSHA";
-        a->argvlen[argc++] = 7;
-        a->argv[argc] = a->c->sha;
-        a->argvlen[argc++] = CACHE_SHA_LEN;
-    }
-    snprintf(numkeys, sizeof(numkeys), "%zu", n);
-    a->argv[argc] = numkeys;
-    a->argvlen[argc++] = strlen(numkeys);
-    for (size_t i = 0; i < n; i++) {
-        a->argv[argc] = a->sel.v[from + i].s;
-        a->argvlen[argc++] = a->sel.v[from + i].len;
-    }
-    /* hiredis copies the arguments into its output buffer. */
-    if (redisAppendCommandArgv(a->c->ctx, argc, a->argv, a->argvlen) !=
-        REDIS_OK) {
-        fail_io(a, "EVALSHA");
-        return -1;
-    }
-    return 0;
-}
-
-static size_t n_chunks(size_t n)
-{
-    return (n + CACHE_UNLINK_CHUNK - 1) / CACHE_UNLINK_CHUNK;
-}
-
-/* Appends the UNLINK calls for all of sel, in chunks. */
-static int append_unlinks(apply_t *a, bool eval)
-{
-    for (size_t k = 0; k < n_chunks(a->sel.n); k++) {
-        size_t from = k * CACHE_UNLINK_CHUNK;
-        size_t n = a->sel.n - from;
-        if (n > CACHE_UNLINK_CHUNK)
-            n = CACHE_UNLINK_CHUNK;
-        if (append_unlink(a, from, n, eval) != 0)
-            return -1;
-    }
-    return 0;
-}
-
-/* Reads the replies of append_unlinks() and adds each key's outcome to
- * its job's `deleted`. The spans of chunks refused with NOSCRIPT move to
- * the front of sel; *retry says how many there are (the caller sends
- * them again with EVAL). -1 with errstr on anything else unexpected. */
-static int read_unlinks(apply_t *a, size_t *retry)
-{
-    size_t chunks = n_chunks(a->sel.n);
-    redisReply *reply = NULL;
-    int rc = -1;
-
-    *retry = 0;
-    for (size_t k = 0; k < chunks; k++) {
-        size_t from = k * CACHE_UNLINK_CHUNK;
-        size_t n = a->sel.n - from;
-        if (n > CACHE_UNLINK_CHUNK)
-            n = CACHE_UNLINK_CHUNK;
-        if (read_reply(a, "EVALSHA", &reply) != 0)
-            goto out;
-        if (reply->type == REDIS_REPLY_ERROR &&
-            strncmp(reply->str, "NOSCRIPT", 8) == 0) {
-            /* Script cache flushed (SCRIPT FLUSH, failover): resend. */
-            memmove(&a->sel.v[*retry], &a->sel.v[from], n * sizeof(*a->sel.v));
-            *retry += n;
-        } else if (reply->type == REDIS_REPLY_ERROR) {
-            set_err(a->errstr, a->errstr_size, "redis %s:%d: UNLINK: %s",
-                    a->c->host, a->c->port, reply->str);
-            goto out;
-        } else if (reply->type != REDIS_REPLY_ARRAY || reply->elements != n) {
-            set_err(a->errstr, a->errstr_size,
-                    "redis %s:%d: UNLINK script: unexpected reply (type %d)",
-                    a->c->host, a->c->port, reply->type);
-            goto out;
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                const redisReply *e = reply->element[i];
-                if (e->type != REDIS_REPLY_INTEGER || e->integer < 0) {
-                    set_err(a->errstr, a->errstr_size,
-                            "redis %s:%d: UNLINK script: not a count",
-                            a->c->host, a->c->port);
-                    goto out;
-                }
-                a->jobs[a->sel.v[from + i].job].deleted += (uint64_t)e->integer;
-            }
-        }
-        freeReplyObject(reply);
-        reply = NULL;
-    }
-    rc = 0;
-out:
-    freeReplyObject(reply);
-    return rc;
-}
-
 static int append_scan(apply_t *a, const char *cursor, size_t cursor_len)
 {
-    const char *argv[6] = {"SCAN",     cursor,  "MATCH",
-                           a->pattern, "COUNT", a->count};
-    size_t argvlen[6] = {4, cursor_len,      5, strlen(a->pattern),
-                         5, strlen(a->count)};
+    buf_t *b = &a->bufs->cmd;
 
-    if (redisAppendCommandArgv(a->c->ctx, 6, argv, argvlen) != REDIS_OK) {
-        fail_io(a, "SCAN");
-        return -1;
-    }
+    b->len = 0;
+    resp_begin(b, 6);
+    resp_arg(b, "SCAN", 4);
+    resp_arg(b, cursor, cursor_len);
+    resp_arg(b, "MATCH", 5);
+    resp_arg(b, a->pattern, strlen(a->pattern));
+    resp_arg(b, "COUNT", 5);
+    resp_arg(b, a->count, strlen(a->count));
     a->scans++;
-    return 0;
+    return send_cmd(a, "SCAN");
 }
 
-/* Checks a SCAN reply's shape: [cursor, [key, ...]] with strings. */
-static int check_scan_reply(apply_t *a, const redisReply *reply)
+/* Reads a SCAN reply and checks its shape: [cursor, [key, ...]] with
+ * strings. The caller frees *page. */
+static int read_scan(apply_t *a, redisReply **page)
 {
-    if (reply->type == REDIS_REPLY_ERROR) {
+    redisReply *r;
+
+    if (read_reply(a, "SCAN", page) != 0)
+        return -1;
+    r = *page;
+    if (r->type == REDIS_REPLY_ERROR) {
         set_err(a->errstr, a->errstr_size, "redis %s:%d: SCAN: %s", a->c->host,
-                a->c->port, reply->str);
+                a->c->port, r->str);
         return -1;
     }
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
-        reply->element[0]->type != REDIS_REPLY_STRING ||
-        reply->element[1]->type != REDIS_REPLY_ARRAY)
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_STRING ||
+        r->element[1]->type != REDIS_REPLY_ARRAY)
         goto bad;
-    for (size_t i = 0; i < reply->element[1]->elements; i++)
-        if (reply->element[1]->element[i]->type != REDIS_REPLY_STRING)
+    for (size_t i = 0; i < r->element[1]->elements; i++)
+        if (r->element[1]->element[i]->type != REDIS_REPLY_STRING)
             goto bad;
     return 0;
 bad:
@@ -814,96 +1105,114 @@ bad:
     return -1;
 }
 
-/* Puts the keys of a SCAN page that some job's prefix covers into sel,
- * each once (SCAN may return a key twice) and counted for its first job.
- * sel points into the page, which must outlive it. */
+/* Whether sorted (job, key) spans hold s for job. */
+static bool spans_has(const spans_t *a, const span_t *s)
+{
+    size_t lo = 0, hi = a->n;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int r = span_job_cmp(s, &a->v[mid]);
+        if (r == 0)
+            return true;
+        if (r < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return false;
+}
+
+/* Puts the keys of a SCAN page that some job's prefix covers into
+ * bufs->keys, sorted by job, each once and counted for its first job,
+ * and one group per job's run (at most CACHE_UNLINK_KEYS keys a group).
+ * A key the previous page selected too (SCAN may return a key twice, and
+ * that page's UNLINKs run after this page's SCAN) is left out: what is
+ * UNLINKed and counted is each key once. Spans point into the page. */
 static int select_page(apply_t *a, const redisReply *keys)
 {
-    size_t job;
+    apply_bufs_t *bb = a->bufs;
+    spans_t *sel = &bb->keys;
+    size_t job, w = 0;
 
+    sel->n = 0;
+    bb->groups.n = 0;
     for (size_t i = 0; i < keys->elements; i++) {
         const redisReply *k = keys->element[i];
-        if (!prefix_owner(a, k->str, k->len, &job))
-            continue;
-        if (spans_push(&a->sel, k->str, k->len, job) != 0) {
-            set_err(a->errstr, a->errstr_size, "cache: out of memory");
-            return -1;
-        }
+        if (prefix_owner(a, k->str, k->len, &job) &&
+            spans_push(sel, k->str, k->len, job) != 0)
+            return fail_nomem(a);
     }
-    spans_sort_unique(&a->sel);
-    for (size_t i = 0; i < a->sel.n; i++)
-        a->jobs[a->sel.v[i].job].prefix_matches++;
+    if (sel->n > 1)
+        qsort(sel->v, sel->n, sizeof(*sel->v), span_job_cmp);
+    for (size_t i = 0; i < sel->n; i++) {
+        if (w > 0 && span_job_cmp(&sel->v[w - 1], &sel->v[i]) == 0)
+            continue;
+        if (spans_has(&bb->prev, &sel->v[i]))
+            continue;
+        sel->v[w++] = sel->v[i];
+    }
+    sel->n = w;
+    for (size_t i = 0; i < sel->n;) {
+        size_t from = i;
+        job = sel->v[i].job;
+        while (i < sel->n && sel->v[i].job == job &&
+               i - from < CACHE_UNLINK_KEYS)
+            i++;
+        a->jobs[job].prefix_matches += i - from;
+        if (groups_push(&bb->groups, job, from, i - from) != 0)
+            return fail_nomem(a);
+    }
     return 0;
 }
 
-/* The deletes: the exact keys, then the prefixes' keys in one SCAN pass.
- * Each round trip carries the UNLINKs of what the previous one found and
- * the next SCAN, so a pass costs one round trip per SCAN page plus one;
- * only one page of keys is held at a time, whatever the key space. A
- * key already UNLINKed cannot come back in a later page, so the pass
- * needs no memory of what it removed. */
+/* The deletes when some job has prefixes: every exact key first, then
+ * the prefixes' keys in one SCAN pass. Each round trip sends the next
+ * SCAN before the UNLINKs of the page just read, so that Redis scans
+ * while the page is filtered here; a pass costs one round trip per SCAN
+ * page plus one, and only two pages are held at a time, whatever the key
+ * space. A key UNLINKed cannot come back in a later page; only the next
+ * page can repeat one of a page's keys (select_page() leaves it out). */
 static int apply_deletes(apply_t *a)
 {
+    apply_bufs_t *bb = a->bufs;
     redisReply *page = NULL, *next = NULL;
-    bool scanning = a->prefixes.n > 0;
-    const char *cursor = "0";
-    size_t cursor_len = 1, retry;
+    spans_t swap;
+    bool more;
     int rc = -1;
 
-    for (size_t j = 0; j < a->n_jobs; j++) {
-        const cache_targets_t *t = a->jobs[j].targets;
-        for (size_t i = 0; i < t->n; i++) {
-            const cache_target_t *it = &t->items[i];
-            if (it->kind == CACHE_TARGET_KEY &&
-                spans_push(&a->sel, it->str, it->len, j) != 0) {
-                set_err(a->errstr, a->errstr_size, "cache: out of memory");
-                goto out;
-            }
-        }
-    }
+    bb->prev.n = 0;
+    if (group_exact_keys(a) != 0 || send_unlinks(a, &bb->keys) != 0 ||
+        append_scan(a, "0", 1) != 0)
+        goto out;
+    a->trips++;
+    if (read_unlinks(a) != 0 || read_scan(a, &next) != 0)
+        goto out;
+    bb->keys.n = 0; /* the exact keys are no page's selection */
 
-    while (a->sel.n > 0 || scanning) {
-        if (append_unlinks(a, false) != 0)
+    do {
+        const redisReply *cursor = next->element[0];
+        more = !(cursor->len == 1 && cursor->str[0] == '0');
+        if (more && append_scan(a, cursor->str, cursor->len) != 0)
             goto out;
-        if (scanning && append_scan(a, cursor, cursor_len) != 0)
+        /* This page's selection becomes the previous one, whose spans
+         * point into `page`: freed only once `next` is filtered. */
+        swap = bb->prev;
+        bb->prev = bb->keys;
+        bb->keys = swap;
+        if (select_page(a, next->element[1]) != 0)
             goto out;
-        a->trips++;
-        if (read_unlinks(a, &retry) != 0)
-            goto out;
-        if (scanning) {
-            if (read_reply(a, "SCAN", &next) != 0)
-                goto out;
-            if (check_scan_reply(a, next) != 0)
-                goto out;
-        }
-        if (retry > 0) {
-            size_t again;
-            a->sel.n = retry;
-            if (append_unlinks(a, true) != 0)
-                goto out;
-            a->trips++;
-            if (read_unlinks(a, &again) != 0)
-                goto out;
-            if (again > 0) {
-                set_err(a->errstr, a->errstr_size,
-                        "redis %s:%d: EVAL answered NOSCRIPT", a->c->host,
-                        a->c->port);
-                goto out;
-            }
-        }
-        /* sel and cursor point into page: done with both. */
-        a->sel.n = 0;
         freeReplyObject(page);
         page = next;
         next = NULL;
-        if (scanning) {
-            cursor = page->element[0]->str;
-            cursor_len = page->element[0]->len;
-            scanning = !(cursor_len == 1 && cursor[0] == '0');
-            if (select_page(a, page->element[1]) != 0)
-                goto out;
-        }
-    }
+        if (send_unlinks(a, &bb->keys) != 0)
+            goto out;
+        a->trips++;
+        if (more && read_scan(a, &next) != 0)
+            goto out;
+        if (read_unlinks(a) != 0)
+            goto out;
+    } while (more);
     rc = 0;
 out:
     freeReplyObject(page);
@@ -911,81 +1220,98 @@ out:
     return rc;
 }
 
-/* The notice for job j (compact JSON, fields in contract order); the
- * caller frees it. NULL on ENOMEM. */
-static char *notice_dump(const cache_job_t *job)
+/* Appends the PUBLISH of job j's notice to bufs->cmd, and hands
+ * bufs->cmd to the socket once it holds CACHE_SEND_BYTES (or with
+ * `flush`). */
+static int append_notice(apply_t *a, size_t j, bool flush)
 {
-    json_t *root = json_object(), *keys = json_array(),
-           *prefixes = json_array();
-    const cache_targets_t *t = job->targets;
-    char *s = NULL;
-    int err = 0;
+    apply_bufs_t *bb = a->bufs;
+    char d[24];
+    size_t dlen = fmt_uint(d, a->jobs[j].deleted), cut;
 
-    if (!root || !keys || !prefixes)
-        goto out;
-    for (size_t i = 0; i < t->n; i++) {
-        json_t *arr = t->items[i].kind == CACHE_TARGET_KEY ? keys : prefixes;
-        err |= json_array_append_new(
-            arr, json_stringn(t->items[i].str, t->items[i].len));
+    if (notice_build(&bb->note, &a->jobs[j], &cut, a->errstr, a->errstr_size) !=
+        0)
+        return -1;
+    resp_begin(&bb->cmd, 3);
+    resp_arg(&bb->cmd, "PUBLISH", 7);
+    resp_arg(&bb->cmd, a->channel, strlen(a->channel));
+    buf_put(&bb->cmd, "$", 1);
+    buf_put_uint(&bb->cmd, bb->note.len + dlen);
+    buf_put(&bb->cmd, "\r\n", 2);
+    buf_put(&bb->cmd, bb->note.p, cut);
+    buf_put(&bb->cmd, d, dlen);
+    buf_put(&bb->cmd, bb->note.p + cut, bb->note.len - cut);
+    buf_put(&bb->cmd, "\r\n", 2);
+    if (bb->cmd.len >= CACHE_SEND_BYTES || flush) {
+        if (send_cmd(a, "PUBLISH") != 0)
+            return -1;
+        bb->cmd.len = 0;
     }
-    err |= json_object_set_new(root, "tenant_id", json_string(job->tenant_id));
-    err |= json_object_set(root, "keys", keys);
-    err |= json_object_set(root, "prefixes", prefixes);
-    err |= json_object_set_new(root, "deleted",
-                               json_integer((json_int_t)job->deleted));
-    if (job->event_id && job->event_id[0])
-        err |=
-            json_object_set_new(root, "event_id", json_string(job->event_id));
-    if (err == 0)
-        s = json_dumps(root, JSON_COMPACT);
-out:
-    json_decref(keys);
-    json_decref(prefixes);
-    json_decref(root);
-    return s;
+    return 0;
 }
 
-/* One notice per job, in order, pipelined in one round trip. */
-static int publish_notices(apply_t *a, const char *channel)
+/* Reads the replies of the n_jobs PUBLISHes. */
+static int read_notices(apply_t *a)
 {
     redisReply *reply = NULL;
-    int rc = -1;
 
     for (size_t j = 0; j < a->n_jobs; j++) {
-        char *msg = notice_dump(&a->jobs[j]);
-        if (!msg) {
-            set_err(a->errstr, a->errstr_size,
-                    "cache: cannot build the notice (invalid UTF-8 in "
-                    "tenant_id or event_id, or out of memory)");
-            goto out;
-        }
-        const char *argv[3] = {"PUBLISH", channel, msg};
-        size_t argvlen[3] = {7, strlen(channel), strlen(msg)};
-        int r = redisAppendCommandArgv(a->c->ctx, 3, argv, argvlen);
-        free(msg);
-        if (r != REDIS_OK) {
-            fail_io(a, "PUBLISH");
-            goto out;
-        }
-    }
-    a->trips++;
-    for (size_t j = 0; j < a->n_jobs; j++) {
         if (read_reply(a, "PUBLISH", &reply) != 0)
-            goto out;
+            return -1;
         if (reply->type != REDIS_REPLY_INTEGER) {
             set_err(a->errstr, a->errstr_size, "redis %s:%d: PUBLISH: %s",
                     a->c->host, a->c->port,
                     reply->type == REDIS_REPLY_ERROR ? reply->str
                                                      : "unexpected reply");
-            goto out;
+            freeReplyObject(reply);
+            return -1;
         }
         freeReplyObject(reply);
-        reply = NULL;
     }
-    rc = 0;
-out:
-    freeReplyObject(reply);
-    return rc;
+    return 0;
+}
+
+/* One notice per job, in order, pipelined in one round trip (after the
+ * SCAN pass: a job's count is known only at its end). */
+static int publish_notices(apply_t *a)
+{
+    a->bufs->cmd.len = 0;
+    for (size_t j = 0; j < a->n_jobs; j++)
+        if (append_notice(a, j, j + 1 == a->n_jobs) != 0)
+            return -1;
+    a->trips++;
+    return read_notices(a);
+}
+
+/* Exact keys only (no job has a prefix): one UNLINK per job (its keys
+ * are distinct, so the count is its own), all pipelined; then, as each
+ * count comes back, that job's notice, in order. Every UNLINK is on the
+ * wire before the first PUBLISH, so Redis runs all the deletes before
+ * any notice, as in the SCAN case, and the notices stream behind the
+ * deletes' replies: about one round trip for the batch. */
+static int apply_exact(apply_t *a)
+{
+    const groups_t *gs = &a->bufs->groups;
+    size_t next = 0; /* the next job whose notice is to be appended */
+
+    if (group_exact_keys(a) != 0 || send_unlinks(a, &a->bufs->keys) != 0)
+        return -1;
+    a->trips++;
+    for (size_t g = 0; g < gs->n; g++) {
+        if (read_unlink(a, g) != 0)
+            return -1;
+        /* job gs->v[g].job is complete; so is every job before it */
+        for (; next <= gs->v[g].job; next++)
+            if (append_notice(a, next, false) != 0)
+                return -1;
+    }
+    for (; next < a->n_jobs; next++)
+        if (append_notice(a, next, false) != 0)
+            return -1;
+    if (a->bufs->cmd.len > 0 && send_cmd(a, "PUBLISH") != 0)
+        return -1;
+    a->bufs->cmd.len = 0;
+    return read_notices(a);
 }
 
 /* Connects when needed. On any failure after that the connection is
@@ -994,9 +1320,11 @@ out:
 int cache_apply(cache_t *c, cache_job_t *jobs, size_t n, const char *channel,
                 long scan_count, char *errstr, size_t errstr_size)
 {
+    struct timespec t0, t1;
     apply_t *a = NULL;
     int rc = -1;
 
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (!c || (n > 0 && !jobs) || !channel || !*channel) {
         set_err(errstr, errstr_size, "cache_apply: bad arguments");
         return -1;
@@ -1021,24 +1349,35 @@ int cache_apply(cache_t *c, cache_job_t *jobs, size_t n, const char *channel,
         goto out;
     }
     a->c = c;
+    a->bufs = &c->bufs;
+    a->bufs->cmd.oom = false;
+    a->bufs->note.oom = false;
     a->jobs = jobs;
     a->n_jobs = n;
+    a->channel = channel;
     a->errstr = errstr;
     a->errstr_size = errstr_size;
 
-    if (prepare_prefixes(a, scan_count) != 0 || apply_deletes(a) != 0 ||
-        publish_notices(a, channel) != 0)
+    if (prepare_prefixes(a, scan_count) != 0)
         goto out;
-    log_debug("cache: %zu invalidations applied (%lu SCAN calls, "
-              "%lu round trips)",
-              n, a->scans, a->trips);
+    if (a->bufs->prefixes.n == 0) {
+        if (apply_exact(a) != 0)
+            goto out;
+    } else if (apply_deletes(a) != 0 || publish_notices(a) != 0) {
+        goto out;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    log_debug("cache: %zu invalidations applied in %.1f ms (%lu SCAN "
+              "calls, %lu UNLINK commands, %lu round trips)",
+              n,
+              (double)(t1.tv_sec - t0.tv_sec) * 1e3 +
+                  (double)(t1.tv_nsec - t0.tv_nsec) / 1e6,
+              a->scans, a->unlinks, a->trips);
     rc = 0;
 out:
     if (rc != 0)
         cache_disconnect(c);
     if (a) {
-        free(a->prefixes.v);
-        free(a->sel.v);
         free(a->pattern);
         free(a);
     }
