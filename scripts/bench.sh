@@ -43,14 +43,6 @@ stack_start "$dir" "$partitions" >/dev/null
 # shellcheck disable=SC1091
 source "$dir/env"
 
-cpu_s() { # CPU seconds (user+sys) of the given pids, summed
-  local t=0 pid
-  for pid in "$@"; do
-    [ -r "/proc/$pid/stat" ] || continue
-    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
-  done
-  echo "scale=1; $t / $(getconf CLK_TCK)" | bc
-}
 # CPU seconds of this stack's Postgres: the postmaster, its live children
 # and the children it has reaped (backends that exited); other Postgres
 # servers on the machine are not counted.
@@ -161,7 +153,7 @@ echo "   $(echo "scale=0; $lines / ($t1 - $t0)" | bc) lines/s"
 port=$(stack_free_port)
 broker_pid=$(cat "$dir/broker/pid")
 pg_cpu0=$(pg_cpu_s)
-broker_cpu0=$(cpu_s "$broker_pid")
+broker_cpu0=$(stack_cpu_s "$broker_pid")
 echo "== consuming with one worker $batch_args"
 # shellcheck disable=SC2086
 "$TALLY" worker --metrics-addr "127.0.0.1:$port" $batch_args \
@@ -177,9 +169,9 @@ while :; do
 done
 rss_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$wpid/status")
 curl -s "127.0.0.1:$port/metrics" >"$dir/metrics"
-worker_cpu=$(cpu_s "$wpid")
+worker_cpu=$(stack_cpu_s "$wpid")
 pg_cpu=$(echo "$(pg_cpu_s) - $pg_cpu0" | bc)
-broker_cpu=$(echo "$(cpu_s "$broker_pid") - $broker_cpu0" | bc)
+broker_cpu=$(echo "$(stack_cpu_s "$broker_pid") - $broker_cpu0" | bc)
 kill -TERM "$wpid"
 wait "$wpid" || true
 wpid=""

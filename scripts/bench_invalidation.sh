@@ -87,14 +87,6 @@ scan_count=${scan_count:-1000}
 # commandstats saved in FILE)
 usec_per() { awk -F'[:=,]' -v c="cmdstat_$2" '$1 == c { print $7 }' "$1"; }
 
-cpu_s() { # CPU seconds (user+sys) of the given pids, summed
-  local t=0 pid
-  for pid in "$@"; do
-    [ -r "/proc/$pid/stat" ] || continue
-    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
-  done
-  echo "scale=2; $t / $(getconf CLK_TCK)" | bc
-}
 # Per thread name of pid: "name cpu=S wait=S", CPU seconds and seconds
 # spent runnable but waiting for a core (schedstat): what the machine's
 # other load took from it.
@@ -249,19 +241,19 @@ awk -v tenants="$tenants" -v events="$events" 'BEGIN {
 
 subscribe notices.exact
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-redis_cpu0=$(cpu_s "$redis_pid")
-broker_cpu0=$(cpu_s "$broker_pid")
+redis_cpu0=$(stack_cpu_s "$redis_pid")
+broker_cpu0=$(stack_cpu_s "$broker_pid")
 perf=${BENCH_PERF:+$dir/perf.data}
 R CONFIG RESETSTAT >/dev/null
 run_worker "$events" "$events" exact
 exact_done=$events
 perf=""
 read -r first applied committed <"$dir/times"
-worker_cpu=$(cpu_s "$wpid")
+worker_cpu=$(stack_cpu_s "$wpid")
 threads=$(thread_cpu "$wpid")
 rss_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$wpid/status")
-redis_cpu=$(echo "$(cpu_s "$redis_pid") - $redis_cpu0" | bc)
-broker_cpu=$(echo "$(cpu_s "$broker_pid") - $broker_cpu0" | bc)
+redis_cpu=$(echo "$(stack_cpu_s "$redis_pid") - $redis_cpu0" | bc)
+broker_cpu=$(echo "$(stack_cpu_s "$broker_pid") - $broker_cpu0" | bc)
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 R INFO commandstats | tr -d '\r' >"$dir/commandstats.exact"
 stop_worker
@@ -348,14 +340,14 @@ sleep 2
 kill -TERM "$idlepid"
 wait "$idlepid"
 wload0=$(cut -d' ' -f1-3 /proc/loadavg)
-redis_cpu0=$(cpu_s "$redis_pid")
+redis_cpu0=$(stack_cpu_s "$redis_pid")
 thread_cpu "$redis_pid" >"$dir/redis.threads0"
 run_worker $((exact_done + wildcards)) "$wildcards" wild
 thread_cpu "$redis_pid" >"$dir/redis.threads1"
 wait "$probepid"
 probepid=""
 read -r wfirst wapplied wcommitted <"$dir/times"
-wredis_cpu=$(echo "$(cpu_s "$redis_pid") - $redis_cpu0" | bc)
+wredis_cpu=$(echo "$(stack_cpu_s "$redis_pid") - $redis_cpu0" | bc)
 R INFO commandstats | tr -d '\r' >"$dir/commandstats.wild"
 scans=$(awk -F'[:=,]' '$1 == "cmdstat_scan" { print $3 }' "$dir/commandstats.wild")
 slow=$("$PROBE" slowlog 127.0.0.1 "$rport")

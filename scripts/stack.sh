@@ -151,3 +151,14 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     *) echo "usage: $0 start|stop DIR [PARTITIONS]" >&2; exit 2 ;;
   esac
 fi
+
+# CPU seconds (user+sys) of the given pids, summed, with 2 decimals; for
+# the benchmarks.
+stack_cpu_s() {
+  local t=0 pid
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+  done
+  echo "scale=2; $t / $(getconf CLK_TCK)" | bc
+}
