@@ -320,7 +320,7 @@ bool config_is_set(const config_t *cfg, const char *name)
     int i = config_find(cfg, name, strlen(name));
     if (i < 0)
         abort();
-    return cfg->vals[i].set;
+    return cfg->vals[i].from && strcmp(cfg->vals[i].from, "default") != 0;
 }
 
 const char *config_origin(const config_t *cfg, const char *name)
