@@ -24,7 +24,26 @@ struct store {
     PGconn *conn;
     bool session_ready; /* temp tables created on this connection */
     char sqlstate[6];   /* of the last failed statement; "" if none */
+    store_step_fn step_fn; /* benchmarks: called after each step */
+    void *step_arg;
 };
+
+void store_set_step_hook(store_t *st, store_step_fn fn, void *arg)
+{
+    st->step_fn = fn;
+    st->step_arg = arg;
+}
+
+int store_backend_pid(const store_t *st)
+{
+    return st->conn ? PQbackendPID(st->conn) : 0;
+}
+
+static void store_step(store_t *st, const char *step)
+{
+    if (st->step_fn)
+        st->step_fn(st->step_arg, step);
+}
 
 /* Keeps the SQLSTATE of a failed result (none for a lost connection). */
 static void store_note_sqlstate(store_t *st, const PGresult *res)
@@ -842,16 +861,20 @@ static int store_dedupe(store_t *st, batch_t *batch,
     int rc = -1;
 
     if (store_copy_rows(st, batch, ROWS_KEYS, "COPY tally_stage FROM STDIN",
-                        errstr, errstr_size) == -1 ||
-        store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
+                        errstr, errstr_size) == -1)
+        goto out;
+    store_step(st, "stage_keys");
+    if (store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
+    store_step(st, "counted_before");
     free(seqs);
     seqs = NULL;
     if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
         goto out;
     if (store_copy_events_sorted(st, batch, copy_events_sql, errstr,
                                  errstr_size) == 0) {
+        store_step(st, "events_copy");
         rc = 0;
         goto out;
     }
@@ -866,6 +889,7 @@ static int store_dedupe(store_t *st, batch_t *batch,
         store_mark(st, batch, insert_racing_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
+    store_step(st, "events_race");
     rc = 0;
 out:
     free(seqs);
@@ -891,7 +915,11 @@ static int store_apply_selected(store_t *st, batch_t *batch,
     if (store_copy(st, "COPY tally_agg FROM STDIN", data, len, errstr,
                    errstr_size) == -1)
         return -1;
-    return store_exec(st, upsert_sums_sql, errstr, errstr_size);
+    store_step(st, "agg_copy");
+    if (store_exec(st, upsert_sums_sql, errstr, errstr_size) == -1)
+        return -1;
+    store_step(st, "sums");
+    return 0;
 }
 
 /* Finds the events of [lo, hi) that Postgres refuses, given what the
@@ -973,6 +1001,7 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
         rc = STORE_RETRY;
     }
     ms_fence = elapsed_ms(&t0);
+    store_step(st, "fence");
     if (batch_count(batch) > 0 &&
         (store_exec(st, "SAVEPOINT tally_batch", errstr, errstr_size) ==
              -1 ||
@@ -1017,6 +1046,7 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
     if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
         goto out;
     ms_commit = elapsed_ms(&t0);
+    store_step(st, "commit");
     log_debug("batch timings: fence %.1f ms, dedupe and sums %.1f ms "
               "(%zu rows), commit %.1f ms",
               ms_fence, ms_apply, out->buckets, ms_commit);

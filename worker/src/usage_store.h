@@ -95,6 +95,15 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
                                   store_batch_result_t *res, char *errstr,
                                   size_t errstr_size);
 
+/* For benchmarks (tally-pgstage): `fn` is called after each step of a
+ * batch commit with the step's name ("fence", "commit", ...), e.g. to
+ * read the backend's CPU time; NULL for none (the default). */
+typedef void (*store_step_fn)(void *arg, const char *step);
+void store_set_step_hook(store_t *st, store_step_fn fn, void *arg);
+
+/* The pid of the connection's Postgres backend; 0 when not connected. */
+int store_backend_pid(const store_t *st);
+
 /* Deletes counted events older than the window plus a day of slack, at
  * most `limit` rows. Sets *deleted. */
 int store_prune_events(store_t *st, int dedupe_days, long limit,

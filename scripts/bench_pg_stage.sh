@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The Postgres stage of tally alone: no Kafka, no parsing in the timings.
+#
+#   scripts/bench_pg_stage.sh [EVENTS] [DESIGN:BATCH:CONNS[:overlap]...]
+#
+# Starts a private Postgres (scripts/stack.sh: fsync on, the stack's
+# settings), generates EVENTS events (default 500,000) with tally-gen as
+# scripts/bench.sh does (3,000 tenants, seed 11, 5% duplicates; --now in
+# the middle of a month unless BENCH_NOW is set), then for each
+# configuration creates a fresh database (tally migrate), replays the
+# batch transactions with tally-pgstage (worker/tools/pg_stage.c: the
+# worker's own parser and batch code, and for design `real` its own
+# store_commit_batch()) and checks the sums against the generator's.
+# Default configurations: the current code at 10,000 and 50,000 messages
+# per transaction, on 1 connection and on 2 (disjoint tenants, then
+# overlapping ones). DESIGN is one of tally-pgstage's (--help): real,
+# onepass, binary, lean, nomonth, window. BATCH is the messages per
+# transaction (for real, also the size of the worker's batch in memory).
+#
+# Each configuration runs BENCH_REPEAT times (default 2); every run prints
+# one line: messages/s, Postgres CPU µs per message (all processes of the
+# cluster), the backends' CPU µs per message by step, and the load
+# average when it started. Lines also go to $BENCH_OUT (JSON lines) when
+# set. BENCH_KEEP=1 keeps the directory. BENCH_TOOL_ARGS adds tally-pgstage
+# flags (e.g. --sync-commit). BENCH_PG_SETTINGS="name=value ..." sets
+# Postgres settings for every session of the database (ALTER DATABASE),
+# e.g. "work_mem=64MB jit=off".
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+events=${1:-500000}
+shift || true
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(real:10000:1 real:50000:1
+  real:10000:2 real:10000:2:overlap real:50000:2 real:50000:2:overlap)
+repeat=${BENCH_REPEAT:-2}
+now=${BENCH_NOW:-$(date -u -d "$(date -u +%Y-%m-15T12:00:00Z)" +%s)}
+
+bash "$here/scripts/deps.sh"
+bash "$here/scripts/build.sh" "$here/build-bench" -DBUILD_TESTING=OFF
+TALLY=$here/build-bench/worker/tally
+GEN=$here/build-bench/worker/tally-gen
+STAGE=$here/build-bench/worker/tally-pgstage
+# shellcheck source=stack.sh
+source "$here/scripts/stack.sh"
+
+dir=$(mktemp -d /tmp/tally-bench-pg.XXXXXX)
+chmod 755 "$dir"
+cleanup() {
+  stack_stop "$dir"
+  [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir"
+}
+trap cleanup EXIT
+stack_start_pg "$dir" >/dev/null
+port=$(cat "$dir/pg/port")
+dsn="host=127.0.0.1 port=$port user=tally dbname=tally"
+psql_() { psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U tally "$@"; }
+postmaster=$(head -1 "$dir/pg/data/postmaster.pid")
+
+echo "== generating $events events (--now $(date -u -d "@$now" +%FT%TZ))"
+"$GEN" --count "$events" --tenants 3000 --seed 11 --dup-rate 0.05 \
+  --now "$now" --expect "$dir/expect" >"$dir/events.jsonl"
+LC_ALL=C sort "$dir/expect" >"$dir/expect.sorted"
+echo "   $(awk '$1 == "events" { e = $2 } $1 == "buckets" { b = $2 }
+  END { print e " events, " b " daily buckets" }' "$dir/expect.summary")"
+
+fresh_db() {
+  psql_ -d postgres -c "DROP DATABASE IF EXISTS tally" \
+    -c "CREATE DATABASE tally"
+  for kv in ${BENCH_PG_SETTINGS:-}; do
+    psql_ -d postgres -c "ALTER DATABASE tally SET ${kv%%=*} = '${kv#*=}'"
+  done
+  TALLY_PG_DSN=$dsn "$TALLY" migrate 2>/dev/null
+  if [ "$1" = lean ]; then
+    psql_ -d tally -c "ALTER TABLE tally.token_usage_events
+      DROP COLUMN source, DROP COLUMN counted_at"
+  fi
+}
+
+check_sums() {
+  psql_ -d tally -F $'\t' -c "SELECT tenant_id, day, token_type, operation,
+      model, agent_id, tokens, prompt_tokens, completion_tokens,
+      thoughts_tokens, cached_tokens, events FROM tally.token_usage_daily" |
+    LC_ALL=C sort | cmp -s - "$dir/expect.sorted" || { echo "daily MISMATCH"; return; }
+  [ "$1" = nomonth ] && { echo exact; return; }
+  local diff
+  diff=$(psql_ -d tally -c "SELECT count(*) FROM (SELECT tenant_id,
+      date_trunc('month', day)::date AS month, token_type, operation, model,
+      agent_id, sum(tokens) AS tokens, sum(events) AS events
+      FROM tally.token_usage_daily GROUP BY 1, 2, 3, 4, 5, 6) d
+      FULL JOIN tally.token_usage_monthly m
+      USING (tenant_id, month, token_type, operation, model, agent_id)
+      WHERE d.tokens IS DISTINCT FROM m.tokens
+         OR d.events IS DISTINCT FROM m.events")
+  [ "$diff" = 0 ] && echo exact || echo "monthly MISMATCH ($diff)"
+}
+
+printf '%-8s %7s %-10s %9s %9s %9s  %-9s %s\n' design batch conns msgs/s \
+  "pg µs/m" "be µs/m" sums "load; backend CPU µs/msg by step"
+for cfg in "${configs[@]}"; do
+  IFS=: read -r design batch conns split <<<"$cfg"
+  args=(--design "$design" --batch "$batch" --conns "$conns")
+  [ "${split:-}" = overlap ] && args+=(--overlap)
+  for _ in $(seq 1 "$repeat"); do
+    fresh_db "$design"
+    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    # shellcheck disable=SC2086
+    out=$(TALLY_PG_DSN=$dsn "$STAGE" --file "$dir/events.jsonl" \
+      --now "$now" --pg-pid "$postmaster" "${args[@]}" \
+      ${BENCH_TOOL_ARGS:-} 2>>"$dir/stage.log")
+    sums=$(check_sums "$design")
+    [ -n "${BENCH_OUT:-}" ] &&
+      echo "${out%\}},\"load\":\"$load\",\"sums\":\"$sums\"}" >>"$BENCH_OUT"
+    python3 - "$out" "$load" "$sums" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+conns = str(r["conns"]) + ("" if r["split"] == "-" else " " + r["split"])
+steps = " ".join("%s %.1f" % (k, v["cpu_us"]) for k, v in r["steps"].items())
+print("%-8s %7d %-10s %9.0f %9.1f %9.1f  %-9s %s; %s" % (
+    r["design"], r["batch"], conns, r["msgs_per_s"],
+    r["pg_cpu_us_per_msg"], r["backend_cpu_us_per_msg"], sys.argv[3],
+    sys.argv[2], steps))
+PY
+  done
+done
