@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Postgres stage of tally alone: no Kafka, no parsing in the timings.
 #
-#   scripts/bench_pg_stage.sh [EVENTS] [DESIGN:BATCH:CONNS[:overlap]...]
+#   scripts/bench_pg_stage.sh [EVENTS] [DESIGN:BATCH:CONNS[:SPLIT[:WINDOW]]...]
 #
 # Starts a private Postgres (scripts/stack.sh: fsync on, the stack's
 # settings), generates EVENTS events (default 500,000) with tally-gen as
@@ -15,7 +15,10 @@
 # per transaction, on 1 connection and on 2 (disjoint tenants, then
 # overlapping ones). DESIGN is one of tally-pgstage's (--help): real,
 # onepass, binary, lean, nomonth, window. BATCH is the messages per
-# transaction (for real, also the size of the worker's batch in memory).
+# transaction (for real, the size of the worker's batch in memory; with
+# WINDOW > 1, a transaction holds WINDOW such batches: store_window_add
+# and store_window_commit). SPLIT is `overlap` (the connections share
+# tenants and keys) or `disjoint` (split by tenant, the default).
 #
 # Each configuration runs BENCH_REPEAT times (default 2); every run prints
 # one line: messages/s, Postgres CPU µs per message (all processes of the
@@ -24,7 +27,8 @@
 # set. BENCH_KEEP=1 keeps the directory. BENCH_TOOL_ARGS adds tally-pgstage
 # flags (e.g. --sync-commit). BENCH_PG_SETTINGS="name=value ..." sets
 # Postgres settings for every session of the database (ALTER DATABASE),
-# e.g. "work_mem=64MB jit=off".
+# e.g. "work_mem=64MB jit=off". BENCH_STAGE runs another tally-pgstage
+# binary (e.g. one built from an older commit, for a baseline).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 events=${1:-500000}
@@ -39,7 +43,7 @@ bash "$here/scripts/deps.sh"
 bash "$here/scripts/build.sh" "$here/build-bench" -DBUILD_TESTING=OFF
 TALLY=$here/build-bench/worker/tally
 GEN=$here/build-bench/worker/tally-gen
-STAGE=$here/build-bench/worker/tally-pgstage
+STAGE=${BENCH_STAGE:-$here/build-bench/worker/tally-pgstage}
 # shellcheck source=stack.sh
 source "$here/scripts/stack.sh"
 
@@ -94,12 +98,13 @@ check_sums() {
   [ "$diff" = 0 ] && echo exact || echo "monthly MISMATCH ($diff)"
 }
 
-printf '%-8s %7s %-10s %9s %9s %9s  %-9s %s\n' design batch conns msgs/s \
+printf '%-8s %10s %-10s %9s %9s %9s  %-9s %s\n' design batch conns msgs/s \
   "pg µs/m" "be µs/m" sums "load; backend CPU µs/msg by step"
 for cfg in "${configs[@]}"; do
-  IFS=: read -r design batch conns split <<<"$cfg"
+  IFS=: read -r design batch conns split window <<<"$cfg"
   args=(--design "$design" --batch "$batch" --conns "$conns")
   [ "${split:-}" = overlap ] && args+=(--overlap)
+  [ -n "${window:-}" ] && args+=(--window "$window")
   for _ in $(seq 1 "$repeat"); do
     fresh_db "$design"
     load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -115,8 +120,9 @@ import json, sys
 r = json.loads(sys.argv[1])
 conns = str(r["conns"]) + ("" if r["split"] == "-" else " " + r["split"])
 steps = " ".join("%s %.1f" % (k, v["cpu_us"]) for k, v in r["steps"].items())
-print("%-8s %7d %-10s %9.0f %9.1f %9.1f  %-9s %s; %s" % (
-    r["design"], r["batch"], conns, r["msgs_per_s"],
+batch = str(r["batch"]) + ("x%d" % r["window"] if r.get("window", 1) > 1 else "")
+print("%-8s %10s %-10s %9.0f %9.1f %9.1f  %-9s %s; %s" % (
+    r["design"], batch, conns, r["msgs_per_s"],
     r["pg_cpu_us_per_msg"], r["backend_cpu_us_per_msg"], sys.argv[3],
     sys.argv[2], steps))
 PY

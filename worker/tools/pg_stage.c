@@ -5,7 +5,11 @@
  * transactions of N messages each, the way the worker batches them, and
  * then replays only the Postgres work, each connection on its own thread:
  *
- *   real    store_commit_batch(), the worker's own code path (usage_store.c)
+ *   real    store_commit_batch(), the worker's own code path (usage_store.c);
+ *           with --window W, W batches a transaction through the store's
+ *           windows (store_window_add/commit), as a consumer would use
+ *           them (the worker does not yet); --resume starts at the
+ *           positions committed before, as after a kill
  *   onepass one COPY into a temp stage, one statement: INSERT ... ON
  *           CONFLICT DO NOTHING RETURNING, aggregated by Postgres, daily
  *           then monthly upserts, and the rows counted before
@@ -73,6 +77,9 @@ typedef struct {
     size_t chunk;      /* window: rows per COPY chunk */
     size_t limit;      /* at most this many lines */
     long explain;      /* EXPLAIN ANALYZE this transaction's statement */
+    size_t window;     /* real: batches per transaction (store_window_*) */
+    bool resume;       /* start at the committed positions */
+    long pause_ms;     /* between transactions (tests: a slower run) */
 } opts_t;
 
 /* A growable byte buffer. */
@@ -398,6 +405,37 @@ static void txn_stage_window(const opts_t *o, txn_t *t, batch_t *one,
     }
 }
 
+/* --resume: the positions committed before (a restart after a kill),
+ * per partition; messages before them are not sent again. */
+static int64_t *resume_at;
+
+static int read_positions(const opts_t *o)
+{
+    PGconn *c = PQconnectdb(o->dsn);
+    PGresult *r;
+
+    resume_at = calloc((size_t)o->partitions, sizeof(*resume_at));
+    if (!resume_at)
+        abort();
+    r = PQexec(c, "SELECT partition, next_offset FROM tally.consumer_offsets"
+                  " WHERE group_id = '" GROUP "' AND topic = '" TOPIC "'"
+                  " AND next_offset IS NOT NULL");
+    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+        fprintf(stderr, "tally-pgstage: %s", PQerrorMessage(c));
+        PQclear(r);
+        PQfinish(c);
+        return -1;
+    }
+    for (int i = 0; i < PQntuples(r); i++) {
+        int p = atoi(PQgetvalue(r, i, 0));
+        if (p >= 0 && p < o->partitions)
+            resume_at[p] = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+    }
+    PQclear(r);
+    PQfinish(c);
+    return 0;
+}
+
 static int load(const opts_t *o, stream_t *streams, usage_enum_t *tt,
                 usage_enum_t *ops)
 {
@@ -455,6 +493,8 @@ static int load(const opts_t *o, stream_t *streams, usage_enum_t *tt,
                                                           o->conns)));
         ctx.partition = part;
         ctx.offset = s->offsets[part]++;
+        if (resume_at && ctx.offset < resume_at[part])
+            continue; /* committed before the restart */
         if (usage_event_parse(line, (size_t)len, &ctx, ev, err,
                               sizeof(err)) != USAGE_OK) {
             bad++;
@@ -784,13 +824,9 @@ static int commit_onepass(stream_t *s, txn_t *t, const char *sql)
     return 0;
 }
 
-static int commit_real(stream_t *s, txn_t *t)
+static store_position_t *txn_positions(const stream_t *s, const txn_t *t)
 {
-    store_position_t *pos = calloc(t->n_parts, sizeof(*pos));
-    store_batch_result_t res;
-    char err[512];
-    store_status_t rc;
-
+    store_position_t *pos = calloc(t->n_parts + 1, sizeof(*pos));
     if (!pos)
         abort();
     for (size_t i = 0; i < t->n_parts; i++) {
@@ -799,30 +835,63 @@ static int commit_real(stream_t *s, txn_t *t)
         pos[i].next_offset = t->next[i];
         pos[i].epoch = s->epochs[t->parts[i]];
     }
-    for (;;) {
+    return pos;
+}
+
+/* Transactions [k, k + n) through the worker's store: one window of n
+ * batches (n = 1: store_commit_batch()). A retry (a deadlock, a race)
+ * starts the window again, as the worker would consume it again. */
+static int commit_real(stream_t *s, size_t k, size_t n)
+{
+    char err[512] = "";
+    store_status_t rc = STORE_RETRY;
+
+    for (int attempt = 0; attempt < 100; attempt++) {
+        size_t before = 0, conflicts = 0, buckets = 0;
+        store_batch_result_t res;
+
+        rc = STORE_OK;
         step_start(s);
-        rc = store_commit_batch(s->store, t->batch, pos, t->n_parts, &res,
-                                err, sizeof(err));
+        for (size_t i = k; i < k + n && rc == STORE_OK; i++) {
+            store_position_t *pos = txn_positions(s, &s->txns[i]);
+            rc = n == 1 ? store_commit_batch(s->store, s->txns[i].batch, pos,
+                                             s->txns[i].n_parts, &res, err,
+                                             sizeof(err))
+                        : store_window_add(s->store, s->txns[i].batch, pos,
+                                           s->txns[i].n_parts, &res, err,
+                                           sizeof(err));
+            free(pos);
+            before += res.counted_before;
+            conflicts += res.conflicts;
+            buckets += res.buckets;
+        }
+        if (rc == STORE_OK && n > 1) {
+            rc = store_window_commit(s->store, &res, err, sizeof(err));
+            buckets = res.buckets;
+        }
+        if (rc == STORE_OK) {
+            s->counted_before += before;
+            s->conflicts += conflicts;
+            s->buckets += buckets;
+            return 0;
+        }
+        if (rc == STORE_SPLIT) {
+            for (size_t i = k; i < k + n; i++)
+                if (commit_real(s, i, 1) == -1)
+                    return -1;
+            return 0;
+        }
         if (rc != STORE_RETRY)
             break;
-        /* A deadlock or a race settled by a retry, as the worker would
-         * (it rewinds and consumes again). */
         fprintf(stderr, "tally-pgstage: stream %d: retry: %s\n", s->id,
                 err);
         s->retries++;
-        if (s->retries > 100 || store_connect(s->store, err, sizeof(err)))
+        if (store_connect(s->store, err, sizeof(err)) == -1)
             break;
         s->backend_pid = store_backend_pid(s->store);
     }
-    free(pos);
-    if (rc != STORE_OK) {
-        fprintf(stderr, "tally-pgstage: stream %d: %s\n", s->id, err);
-        return -1;
-    }
-    s->counted_before += res.counted_before;
-    s->conflicts += res.conflicts;
-    s->buckets += res.buckets;
-    return 0;
+    fprintf(stderr, "tally-pgstage: stream %d: %s\n", s->id, err);
+    return -1;
 }
 
 static int stream_connect(stream_t *s)
@@ -878,12 +947,20 @@ static void *stream_main(void *arg)
     char *sql = s->o->design == D_REAL ? NULL : onepass_sql(s->o->design);
 
     pthread_barrier_wait(s->barrier);
-    for (size_t k = 0; k < s->n_txns && !s->failed; k++) {
-        txn_t *t = &s->txns[k];
-        int rc = s->o->design == D_REAL ? commit_real(s, t)
-                                        : commit_onepass(s, t, sql);
-        if (rc == -1)
+    for (size_t k = 0; k < s->n_txns && !s->failed;) {
+        size_t n = s->o->design == D_REAL ? s->o->window : 1;
+        if (n > s->n_txns - k)
+            n = s->n_txns - k;
+        if ((s->o->design == D_REAL ? commit_real(s, k, n)
+                                    : commit_onepass(s, &s->txns[k], sql)) ==
+            -1)
             s->failed = 1;
+        k += n;
+        if (s->o->pause_ms > 0) {
+            struct timespec ts = {s->o->pause_ms / 1000,
+                                  s->o->pause_ms % 1000 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
     }
     free(sql);
     pthread_barrier_wait(s->barrier);
@@ -906,6 +983,11 @@ static void usage(FILE *fp)
             "  --chunk N        window: rows per COPY chunk (2000)\n"
             "  --limit N        at most N lines\n"
             "  --explain K      EXPLAIN ANALYZE transaction K's statement\n"
+            "  --window W       real: W batches of --batch messages a\n"
+            "                   transaction (store_window_add/commit)\n"
+            "  --resume         skip what was committed before (the\n"
+            "                   positions of a run that was killed)\n"
+            "  --pause-ms N     sleep N ms between transactions\n"
             "  --dsn DSN        (TALLY_PG_DSN)\n");
 }
 
@@ -918,11 +1000,13 @@ int main(int argc, char **argv)
         {"now", 1, NULL, 'n'},       {"pg-pid", 1, NULL, 'P'},
         {"sync-commit", 0, NULL, 's'}, {"chunk", 1, NULL, 'k'},
         {"limit", 1, NULL, 'l'},     {"dsn", 1, NULL, 'D'},
-        {"explain", 1, NULL, 'x'},   {"help", 0, NULL, 'h'},
+        {"explain", 1, NULL, 'x'},   {"window", 1, NULL, 'w'},
+        {"resume", 0, NULL, 'r'},    {"pause-ms", 1, NULL, 'z'},
+        {"help", 0, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     opts_t o = {.batch = 10000, .conns = 1, .partitions = 64,
                 .now = (int64_t)time(NULL), .chunk = 2000,
-                .design_name = "real", .explain = -1};
+                .design_name = "real", .explain = -1, .window = 1};
     stream_t streams[MAX_CONNS];
     pthread_t th[MAX_CONNS];
     pthread_barrier_t barrier;
@@ -951,6 +1035,9 @@ int main(int argc, char **argv)
         case 'l': o.limit = strtoul(optarg, NULL, 10); break;
         case 'D': o.dsn = optarg; break;
         case 'x': o.explain = strtol(optarg, NULL, 10); break;
+        case 'w': o.window = strtoul(optarg, NULL, 10); break;
+        case 'r': o.resume = true; break;
+        case 'z': o.pause_ms = strtol(optarg, NULL, 10); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -959,6 +1046,7 @@ int main(int argc, char **argv)
         if (!strcmp(o.design_name, design_names[c]))
             break;
     if (!o.file || o.batch == 0 || o.conns < 1 || o.conns > MAX_CONNS ||
+        o.window < 1 || o.window > STORE_WINDOW_MAX_BATCHES ||
         o.partitions % o.conns != 0 || o.chunk == 0 ||
         c == (int)(sizeof(design_names) / sizeof(*design_names))) {
         usage(stderr);
@@ -986,7 +1074,8 @@ int main(int argc, char **argv)
         if (!streams[i].offsets || !streams[i].epochs)
             abort();
     }
-    if (load(&o, streams, &tt, &ops) == -1)
+    if ((o.resume && read_positions(&o) == -1) ||
+        load(&o, streams, &tt, &ops) == -1)
         return 1;
     for (int i = 0; i < o.conns; i++) {
         if (stream_connect(&streams[i]) == -1)
@@ -1030,7 +1119,8 @@ int main(int argc, char **argv)
                 backend_ns += s->steps.cpu_ns[j];
             }
         }
-        printf("{\"design\":\"%s\",\"batch\":%zu,\"conns\":%d,"
+        printf("{\"design\":\"%s\",\"batch\":%zu,\"window\":%zu,"
+               "\"conns\":%d,"
                "\"split\":\"%s\",\"sync_commit\":%s,\"messages\":%zu,"
                "\"events_in_batches\":%zu,\"transactions\":%zu,"
                "\"counted_before\":%zu,\"window_duplicates\":%zu,"
@@ -1038,7 +1128,7 @@ int main(int argc, char **argv)
                "\"msgs_per_s\":%.0f,\"pg_cpu_s\":%.2f,"
                "\"pg_cpu_us_per_msg\":%.2f,\"backend_cpu_us_per_msg\":%.2f,"
                "\"steps\":{",
-               o.design_name, o.batch, o.conns,
+               o.design_name, o.batch, o.window, o.conns,
                o.conns == 1 ? "-" : o.overlap ? "overlap" : "disjoint",
                o.sync_commit ? "true" : "false", msgs, events, txns, before,
                wdups, conflicts, retries, secs, (double)msgs / secs,
@@ -1068,5 +1158,6 @@ int main(int argc, char **argv)
             PQfinish(s->conn);
     }
     pthread_barrier_destroy(&barrier);
+    free(resume_at);
     return failed ? 1 : 0;
 }
