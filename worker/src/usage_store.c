@@ -1280,6 +1280,18 @@ size_t store_window_batches(const store_t *st)
     return st->window_batches;
 }
 
+size_t store_window_buckets(const store_t *st)
+{
+    if (st->pending && st->pending == st->window_agg)
+        return agg_count(st->window_agg);
+    return st->pending ? agg_nonempty(st->pending) : 0;
+}
+
+const char *store_last_sqlstate(const store_t *st)
+{
+    return st->sqlstate;
+}
+
 store_status_t store_commit_batch(store_t *st, batch_t *batch,
                                   store_position_t *pos, size_t n,
                                   store_batch_result_t *out, char *errstr,

@@ -145,6 +145,15 @@ store_status_t store_window_commit(store_t *st, store_batch_result_t *res,
                                    char *errstr, size_t errstr_size);
 void store_window_abort(store_t *st);
 size_t store_window_batches(const store_t *st); /* 0: no window open */
+/* The daily buckets the open window sums in memory (about 140 bytes
+ * each): a caller bounding its memory commits past some number. */
+size_t store_window_buckets(const store_t *st);
+
+/* The SQLSTATE of the last failed statement ("" if none), e.g. 40P01
+ * after a deadlock: windows whose keys overlap another writer's (the
+ * same keys on partitions of other members) deadlock now and then, and a
+ * caller may then fall back to windows of one batch. */
+const char *store_last_sqlstate(const store_t *st);
 
 /* Deletes counted events older than the window plus a day of slack, at
  * most `limit` rows. Sets *deleted. */
