@@ -120,6 +120,9 @@ import json, sys
 r = json.loads(sys.argv[1])
 conns = str(r["conns"]) + ("" if r["split"] == "-" else " " + r["split"])
 steps = " ".join("%s %.1f" % (k, v["cpu_us"]) for k, v in r["steps"].items())
+for k in ("retries", "window_deadlocks"):
+    if r.get(k):
+        steps += "; %s %d" % (k, r[k])
 batch = str(r["batch"]) + ("x%d" % r["window"] if r.get("window", 1) > 1 else "")
 print("%-8s %10s %-10s %9.0f %9.1f %9.1f  %-9s %s; %s" % (
     r["design"], batch, conns, r["msgs_per_s"],

@@ -143,6 +143,7 @@ typedef struct {
     steps_t steps;
     uint64_t last_wall, last_cpu;
     size_t counted_before, conflicts, window_dups, buckets, retries;
+    size_t deadlocks; /* windows that deadlocked (then one batch a time) */
     pthread_barrier_t *barrier;
     int failed;
 } stream_t;
@@ -875,7 +876,15 @@ static int commit_real(stream_t *s, size_t k, size_t n)
             s->buckets += buckets;
             return 0;
         }
-        if (rc == STORE_SPLIT) {
+        if (rc == STORE_RETRY && n > 1 &&
+            !strcmp(store_last_sqlstate(s->store), "40P01"))
+            s->deadlocks++;
+        if (rc == STORE_SPLIT || (rc == STORE_RETRY && n > 1 &&
+                                  !strcmp(store_last_sqlstate(s->store),
+                                          "40P01"))) {
+            /* Refused data, or a deadlock with another writer of the
+             * same keys: the window again, a batch at a time (what a
+             * consumer would do). */
             for (size_t i = k; i < k + n; i++)
                 if (commit_real(s, i, 1) == -1)
                     return -1;
@@ -931,7 +940,10 @@ static int stream_connect(stream_t *s)
     if (pg_ok(s, "SET client_min_messages = warning;"
                  "SET statement_timeout = '120s';"
                  "SET lock_timeout = '15s';"
-                 "SET TIME ZONE 'UTC'") == -1 ||
+                 "SET TIME ZONE 'UTC';"
+                 "SET work_mem = '32MB';"
+                 "SET temp_buffers = '64MB';"
+                 "SET jit = off") == -1 ||
         pg_ok(s, s->o->sync_commit ? "SET synchronous_commit = on"
                                    : "SET synchronous_commit = off") == -1 ||
         pg_ok(s, "CREATE TEMP TABLE pgs_stage (seq integer,"
@@ -1016,7 +1028,7 @@ int main(int argc, char **argv)
     uint64_t t0, t1;
     double cpu0, cpu1, secs;
     size_t msgs = 0, events = 0, txns = 0, before = 0, conflicts = 0,
-           wdups = 0, retries = 0;
+           wdups = 0, retries = 0, deadlocks = 0;
     int c, failed = 0;
 
     o.dsn = getenv("TALLY_PG_DSN") ? getenv("TALLY_PG_DSN") : "";
@@ -1107,6 +1119,7 @@ int main(int argc, char **argv)
             conflicts += s->conflicts;
             wdups += s->window_dups;
             retries += s->retries;
+            deadlocks += s->deadlocks;
             for (int j = 0; j < s->steps.n; j++) {
                 int a;
                 for (a = 0; a < all.n; a++)
@@ -1124,14 +1137,16 @@ int main(int argc, char **argv)
                "\"split\":\"%s\",\"sync_commit\":%s,\"messages\":%zu,"
                "\"events_in_batches\":%zu,\"transactions\":%zu,"
                "\"counted_before\":%zu,\"window_duplicates\":%zu,"
-               "\"conflicts\":%zu,\"retries\":%zu,\"seconds\":%.3f,"
+               "\"conflicts\":%zu,\"retries\":%zu,"
+               "\"window_deadlocks\":%zu,\"seconds\":%.3f,"
                "\"msgs_per_s\":%.0f,\"pg_cpu_s\":%.2f,"
                "\"pg_cpu_us_per_msg\":%.2f,\"backend_cpu_us_per_msg\":%.2f,"
                "\"steps\":{",
                o.design_name, o.batch, o.window, o.conns,
                o.conns == 1 ? "-" : o.overlap ? "overlap" : "disjoint",
                o.sync_commit ? "true" : "false", msgs, events, txns, before,
-               wdups, conflicts, retries, secs, (double)msgs / secs,
+               wdups, conflicts, retries, deadlocks, secs,
+               (double)msgs / secs,
                cpu1 - cpu0, (cpu1 - cpu0) * 1e6 / (double)msgs,
                (double)backend_ns / 1e3 / (double)msgs);
         for (int a = 0; a < all.n; a++)
