@@ -28,7 +28,9 @@
 # flags (e.g. --sync-commit). BENCH_PG_SETTINGS="name=value ..." sets
 # Postgres settings for every session of the database (ALTER DATABASE),
 # e.g. "work_mem=64MB jit=off". BENCH_STAGE runs another tally-pgstage
-# binary (e.g. one built from an older commit, for a baseline).
+# binary; with BENCH_BASE set to one built from an older commit, DESIGN
+# `base` is that binary's `real` (a baseline run beside the others, in
+# the same conditions).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 events=${1:-500000}
@@ -102,6 +104,11 @@ printf '%-8s %10s %-10s %9s %9s %9s  %-9s %s\n' design batch conns msgs/s \
   "pg µs/m" "be µs/m" sums "load; backend CPU µs/msg by step"
 for cfg in "${configs[@]}"; do
   IFS=: read -r design batch conns split window <<<"$cfg"
+  bin=$STAGE
+  if [ "$design" = base ]; then
+    bin=${BENCH_BASE:?BENCH_BASE: the baseline tally-pgstage}
+    design=real
+  fi
   args=(--design "$design" --batch "$batch" --conns "$conns")
   [ "${split:-}" = overlap ] && args+=(--overlap)
   [ -n "${window:-}" ] && args+=(--window "$window")
@@ -109,10 +116,11 @@ for cfg in "${configs[@]}"; do
     fresh_db "$design"
     load=$(cut -d' ' -f1-3 /proc/loadavg)
     # shellcheck disable=SC2086
-    out=$(TALLY_PG_DSN=$dsn "$STAGE" --file "$dir/events.jsonl" \
+    out=$(TALLY_PG_DSN=$dsn "$bin" --file "$dir/events.jsonl" \
       --now "$now" --pg-pid "$postmaster" "${args[@]}" \
       ${BENCH_TOOL_ARGS:-} 2>>"$dir/stage.log")
     sums=$(check_sums "$design")
+    [ "$bin" = "$STAGE" ] || out=${out/\"design\":\"real\"/\"design\":\"base\"}
     [ -n "${BENCH_OUT:-}" ] &&
       echo "${out%\}},\"load\":\"$load\",\"sums\":\"$sums\"}" >>"$BENCH_OUT"
     python3 - "$out" "$load" "$sums" <<'PY'
