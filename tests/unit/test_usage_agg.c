@@ -1,6 +1,8 @@
 /* Unit tests of the sums by bucket and their COPY rows (usage_agg.c). */
 #include "usage_agg.h"
 
+#include "copy_buf.h"
+
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -159,6 +161,23 @@ static void test_unknown_label_last(void **state)
     agg_free(a);
 }
 
+/* The integers of the COPY rows, formatted by hand. */
+static void test_copy_buf_i64(void **state)
+{
+    copy_buf_t b = {0};
+    const int64_t v[] = {0, 7, -1, 10, 1000000000000LL, INT64_MAX,
+                         INT64_MIN};
+    (void)state;
+    for (size_t i = 0; i < sizeof(v) / sizeof(*v); i++) {
+        copy_buf_put_i64(&b, v[i]);
+        copy_buf_putc(&b, ' ');
+    }
+    copy_buf_putc(&b, '\0');
+    assert_string_equal(b.data, "0 7 -1 10 1000000000000 "
+                                "9223372036854775807 -9223372036854775808 ");
+    copy_buf_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -167,6 +186,7 @@ int main(void)
         cmocka_unit_test(test_monthly_rows),
         cmocka_unit_test(test_merge_zero_escape),
         cmocka_unit_test(test_unknown_label_last),
+        cmocka_unit_test(test_copy_buf_i64),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -1,7 +1,6 @@
 /* A growable byte buffer for COPY ... FROM STDIN rows (text format). */
 #include "copy_buf.h"
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,11 +30,20 @@ void copy_buf_putc(copy_buf_t *b, char c)
     b->data[b->len++] = c;
 }
 
+/* By hand: snprintf() was a good part of building the rows. */
 void copy_buf_put_i64(copy_buf_t *b, int64_t v)
 {
     char tmp[24];
-    int n = snprintf(tmp, sizeof(tmp), "%lld", (long long)v);
-    copy_buf_put(b, tmp, (size_t)n);
+    size_t i = sizeof(tmp);
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+
+    do {
+        tmp[--i] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        tmp[--i] = '-';
+    copy_buf_put(b, tmp + i, sizeof(tmp) - i);
 }
 
 void copy_buf_put_str(copy_buf_t *b, const char *s, size_t n,

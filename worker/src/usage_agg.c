@@ -20,6 +20,7 @@ typedef struct {
     /* For sorting: */
     int64_t month;         /* day number of the month's first day */
     uint32_t rank[2];      /* of token_type and operation */
+    uint32_t srank[3];     /* of tenant_id, model, agent_id (bytewise) */
 } agg_bucket_t;
 
 struct agg {
@@ -217,10 +218,10 @@ static int agg_cmp(const void *x, const void *y, void *arg)
     const agg_bucket_t *b2 = &s->a->buckets[*(const size_t *)y];
     int64_t d1 = s->monthly ? b1->month : b1->day;
     int64_t d2 = s->monthly ? b2->month : b2->day;
-    int r = strcmp(agg_part(s->a, b1, 0), agg_part(s->a, b2, 0));
+    int r;
 
-    if (r)
-        return r;
+    if (b1->srank[0] != b2->srank[0])
+        return b1->srank[0] < b2->srank[0] ? -1 : 1;
     if (d1 != d2)
         return d1 < d2 ? -1 : 1;
     for (int k = 0; k < 2; k++) {
@@ -231,9 +232,54 @@ static int agg_cmp(const void *x, const void *y, void *arg)
                         agg_part(s->a, b2, 1 + k))) != 0)
             return r;
     }
-    if ((r = strcmp(agg_part(s->a, b1, 3), agg_part(s->a, b2, 3))) != 0)
-        return r;
-    return strcmp(agg_part(s->a, b1, 4), agg_part(s->a, b2, 4));
+    if (b1->srank[1] != b2->srank[1])
+        return b1->srank[1] < b2->srank[1] ? -1 : 1;
+    return b1->srank[2] < b2->srank[2] ? -1 : b1->srank[2] > b2->srank[2];
+}
+
+static int agg_str_cmp(const void *x, const void *y, void *arg)
+{
+    const char *const *strs = arg;
+    return strcmp(strs[*(const uint32_t *)x], strs[*(const uint32_t *)y]);
+}
+
+/* Sets srank[j] of the buckets a->order[0..n) to the bytewise rank of
+ * their part `part` among the distinct values: each distinct string is
+ * compared while ranking them, not each bucket while sorting them. */
+static void agg_rank_strings(agg_t *a, size_t n, int part, int j)
+{
+    size_t slots = hash_slots(n), mask = slots - 1, nd = 0;
+    uint32_t *tab = calloc(slots, sizeof(*tab)); /* distinct index + 1 */
+    const char **strs = malloc((n + 1) * sizeof(*strs));
+    uint32_t *which = malloc((n + 1) * sizeof(*which)); /* per bucket */
+    uint32_t *ids = malloc((n + 1) * sizeof(*ids));
+
+    if (!tab || !strs || !which || !ids)
+        abort();
+    for (size_t i = 0; i < n; i++) {
+        const char *p = agg_part(a, &a->buckets[a->order[i]], part);
+        size_t h = hash_bytes(HASH_SEED, p, strlen(p)) & mask;
+        while (tab[h] && strcmp(strs[tab[h] - 1], p) != 0)
+            h = (h + 1) & mask;
+        if (!tab[h]) {
+            strs[nd] = p;
+            tab[h] = (uint32_t)++nd;
+        }
+        which[i] = tab[h] - 1;
+    }
+    for (size_t d = 0; d < nd; d++)
+        ids[d] = (uint32_t)d;
+    qsort_r(ids, nd, sizeof(*ids), agg_str_cmp, strs);
+    /* The table, no longer needed (slots >= nd), becomes each distinct
+     * value's rank. */
+    for (size_t r = 0; r < nd; r++)
+        tab[ids[r]] = (uint32_t)r;
+    for (size_t i = 0; i < n; i++)
+        a->buckets[a->order[i]].srank[j] = tab[which[i]];
+    free(tab);
+    free(strs);
+    free(which);
+    free(ids);
 }
 
 /* Sorts the buckets that count events; returns how many. */
@@ -261,6 +307,9 @@ static size_t agg_sort(agg_t *a, bool monthly, const usage_enum_t *tt,
         b->month = b->day - (mday - 1);
         a->order[n++] = i;
     }
+    agg_rank_strings(a, n, 0, 0);
+    agg_rank_strings(a, n, 3, 1);
+    agg_rank_strings(a, n, 4, 2);
     qsort_r(a->order, n, sizeof(*a->order), agg_cmp, &s);
     return n;
 }
