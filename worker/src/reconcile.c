@@ -295,9 +295,10 @@ static int report_buckets(PGconn *conn, const char *cmp, const char *kind,
  * snapshot stays in; one still in flight waits for our row lock and adds
  * itself onto the repaired value. A bucket missing at the snapshot that a
  * worker creates meanwhile is likewise added to, not overwritten.
- * Deadlock-free: rows are locked in the worker's order (upsert_sums_sql
- * in usage_store.c): daily rows ORDER BY tenant_id, day, token_type, operation,
- * model, agent_id, then monthly rows in the same column order; the
+ * Deadlock-free: rows are locked in the worker's order (store_upsert_sums
+ * in usage_store.c, rows sorted by usage_agg.c): daily rows ORDER BY
+ * tenant_id, day, token_type, operation, model, agent_id, then monthly
+ * rows in the same column order; the
  * deletions only touch rows this transaction holds already. The monthly
  * comparison runs after the daily repair, in a later snapshot, by the
  * same argument.

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "usage_agg.h"
 #include "usage_event.h"
 
 typedef struct batch batch_t;
@@ -77,12 +78,10 @@ void batch_mark_counted_before(batch_t *b, size_t seq);
 const char *batch_event_source(const batch_t *b, size_t seq);
 const char *batch_event_key(const batch_t *b, size_t seq, const char **tenant);
 
-/* Sums the selected events not marked into one row per daily bucket (tenant, day,
- * token_type, operation, model, agent_id) and returns them as COPY text
- * rows: tenant, day number since 1970-01-01, token_type, operation, model,
- * agent_id, tokens, prompt, completion, thoughts, cached, events.
- * Sets *rows and *events (the events summed). */
-const char *batch_aggregate_copy(batch_t *b, size_t *len, size_t *rows,
-                                 size_t *events);
+/* Sums the selected events not marked by daily bucket (tenant, day,
+ * token_type, operation, model, agent_id): the batch's buckets, holding
+ * only those sums until the next call or batch_add/clear. Sets *events
+ * (the events summed). */
+agg_t *batch_aggregate(batch_t *b, size_t *events);
 
 #endif

@@ -13,6 +13,7 @@
 #include "fault.h"
 #include "log.h"
 #include "migrations.h"
+#include "usage_agg.h"
 
 /* Taken around migrations: "tally" in ASCII. */
 #define MIGRATE_LOCK_ID 0x74616c6c79LL
@@ -24,7 +25,41 @@ struct store {
     PGconn *conn;
     bool session_ready; /* temp tables created on this connection */
     char sqlstate[6];   /* of the last failed statement; "" if none */
+    size_t window_batches; /* in the open window's transaction */
+    agg_t *window_agg;     /* the sums of a window of several batches */
+    agg_t *pending;        /* the sums to upsert when the window ends */
+    usage_enum_t token_types, operations; /* in Postgres's order */
+    bool enums_read;
+    store_step_fn step_fn; /* benchmarks: called after each step */
+    void *step_arg;
 };
+
+void store_set_step_hook(store_t *st, store_step_fn fn, void *arg)
+{
+    st->step_fn = fn;
+    st->step_arg = arg;
+}
+
+int store_backend_pid(const store_t *st)
+{
+    return st->conn ? PQbackendPID(st->conn) : 0;
+}
+
+static void store_step(store_t *st, const char *step)
+{
+    if (st->step_fn)
+        st->step_fn(st->step_arg, step);
+}
+
+/* The other uses of the connection must not land inside an open window's
+ * transaction. */
+static bool store_busy(const store_t *st, char *errstr, size_t errstr_size)
+{
+    if (st->window_batches == 0)
+        return false;
+    snprintf(errstr, errstr_size, "postgres: a window is open");
+    return true;
+}
 
 /* Keeps the SQLSTATE of a failed result (none for a lost connection). */
 static void store_note_sqlstate(store_t *st, const PGresult *res)
@@ -71,6 +106,7 @@ void store_disconnect(store_t *st)
         st->conn = NULL;
     }
     st->session_ready = false;
+    st->window_batches = 0; /* its transaction went with the connection */
 }
 
 void store_free(store_t *st)
@@ -78,6 +114,7 @@ void store_free(store_t *st)
     if (!st)
         return;
     store_disconnect(st);
+    agg_free(st->window_agg);
     free(st->dsn);
     free(st->group);
     free(st->owner);
@@ -176,7 +213,10 @@ static const char *const session_sql =
     " model text COLLATE \"C\", agent_id text COLLATE \"C\","
     " tokens bigint, prompt_tokens bigint,"
     " completion_tokens bigint, thoughts_tokens bigint,"
-    " cached_tokens bigint, events bigint) ON COMMIT DELETE ROWS;";
+    " cached_tokens bigint, events bigint) ON COMMIT DELETE ROWS;"
+    /* The same columns, `day` the first of the month. */
+    "CREATE TEMP TABLE IF NOT EXISTS tally_magg (LIKE tally_agg)"
+    " ON COMMIT DELETE ROWS;";
 
 int store_connect(store_t *st, char *errstr, size_t errstr_size)
 {
@@ -207,7 +247,14 @@ int store_connect(store_t *st, char *errstr, size_t errstr_size)
                    /* Safe: positions commit in the same transactions
                     * as the sums, so a commit lost in a Postgres crash
                     * is lost with its positions and consumed again. */
-                   "SET synchronous_commit = off",
+                   "SET synchronous_commit = off;"
+                   /* The batch statements' sorts and aggregates in
+                    * memory, the temp tables in local buffers (set
+                    * before the session's first temp table); no JIT
+                    * (the plans are cheap, its compilation is not). */
+                   "SET work_mem = '32MB';"
+                   "SET temp_buffers = '64MB';"
+                   "SET jit = off",
                    errstr, errstr_size) == -1) {
         store_disconnect(st);
         return -1;
@@ -219,6 +266,8 @@ int store_ping(store_t *st, char *errstr, size_t errstr_size)
 {
     if (store_connect(st, errstr, errstr_size) == -1)
         return -1;
+    if (st->window_batches > 0)
+        return 0; /* in use: it answers */
     if (store_exec(st, "SELECT 1", errstr, errstr_size) == -1) {
         store_recover(st);
         return -1;
@@ -236,6 +285,9 @@ static int store_prepare_session(store_t *st, char *errstr,
         store_recover(st);
         return -1;
     }
+    if (!st->enums_read &&
+        store_read_enums(st, NULL, NULL, errstr, errstr_size) == -1)
+        return -1;
     st->session_ready = true;
     return 0;
 }
@@ -350,15 +402,23 @@ out:
     return rc;
 }
 
+/* The store keeps its own copy, in Postgres's order, to sort the sums by
+ * the tables' keys (agg_daily_rows()). */
 int store_read_enums(store_t *st, usage_enum_t *token_types,
                      usage_enum_t *operations, char *errstr,
                      size_t errstr_size)
 {
-    if (store_read_enum(st, "tally.token_type", token_types, errstr,
+    if (store_read_enum(st, "tally.token_type", &st->token_types, errstr,
+                        errstr_size) == -1 ||
+        store_read_enum(st, "tally.operation_type", &st->operations, errstr,
                         errstr_size) == -1)
         return -1;
-    return store_read_enum(st, "tally.operation_type", operations, errstr,
-                           errstr_size);
+    st->enums_read = true;
+    if (token_types)
+        *token_types = st->token_types;
+    if (operations)
+        *operations = st->operations;
+    return 0;
 }
 
 int store_read_dedupe_days(store_t *st, int *days, char *errstr,
@@ -449,6 +509,8 @@ store_status_t store_claim(store_t *st, store_position_t *pos, size_t n,
 
     if (n == 0)
         return STORE_OK;
+    if (store_busy(st, errstr, errstr_size))
+        return STORE_RETRY;
     positions_arrays(pos, n, &arrays, params);
     params[2] = st->group;
     params[3] = st->owner;
@@ -493,6 +555,8 @@ store_status_t store_init_position(store_t *st, const store_position_t *pos,
     PGresult *res;
     store_status_t rc = STORE_OK;
 
+    if (store_busy(st, errstr, errstr_size))
+        return STORE_RETRY;
     snprintf(part, sizeof(part), "%" PRId32, pos->partition);
     snprintf(off, sizeof(off), "%" PRId64, pos->next_offset);
     snprintf(epoch, sizeof(epoch), "%" PRId64, pos->epoch);
@@ -646,6 +710,9 @@ static int store_copy_rows(store_t *st, const batch_t *batch,
 #define SUMS_COLS                                                         \
     "tokens, prompt_tokens, completion_tokens, thoughts_tokens, "          \
     "cached_tokens, events"
+/* A bucket's key columns, its date column named `date`. */
+#define BUCKET_COLS(date)                                                 \
+    "tenant_id, " date ", token_type, operation, model, agent_id"
 #define SUMS_UPDATE(t)                                                    \
     "tokens = " t ".tokens + EXCLUDED.tokens, "                            \
     "prompt_tokens = " t ".prompt_tokens + EXCLUDED.prompt_tokens, "       \
@@ -668,12 +735,18 @@ static double elapsed_ms(struct timespec *t0)
 }
 
 /* The staged events whose key was counted before, and whether the stored
- * payload differs (a conflict: first wins). */
+ * payload differs (a conflict: first wins). One primary-key probe per
+ * staged key, whatever the planner thinks of the sizes: as a plain join
+ * it hashed the whole dedupe store once the store outgrew the batch (a
+ * sequential scan of every event of the window, each batch). LIMIT 1
+ * keeps the lateral subquery from being flattened into such a join. */
 static const char *const counted_before_sql =
     "SELECT s.seq, e.payload_hash IS NOT NULL"
     " AND e.payload_hash <> s.payload_hash"
-    " FROM tally_stage s"
-    " JOIN tally.token_usage_events e USING (tenant_id, idempotency_key)";
+    " FROM tally_stage s CROSS JOIN LATERAL ("
+    " SELECT e.payload_hash FROM tally.token_usage_events e"
+    " WHERE e.tenant_id = s.tenant_id"
+    " AND e.idempotency_key = s.idempotency_key LIMIT 1) e";
 
 #define EVENTS_COLS                                                       \
     "(tenant_id, idempotency_key, occurred_at, token_type, operation,"     \
@@ -706,29 +779,30 @@ static const char *const insert_racing_sql =
     " WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.tenant_id = r.tenant_id"
     " AND i.idempotency_key = r.idempotency_key)";
 
-static const char *const upsert_sums_sql =
-    "WITH d AS ("
-    " INSERT INTO tally.token_usage_daily AS t"
-    " (tenant_id, day, token_type, operation, model, agent_id, " SUMS_COLS
-    ", updated_at)"
-    " SELECT tenant_id, date '1970-01-01' + day,"
-    " token_type::tally.token_type, operation::tally.operation_type,"
-    " model, agent_id, " SUMS_COLS ", now()"
-    " FROM tally_agg ORDER BY 1, 2, 3, 4, 5, 6"
-    " ON CONFLICT (tenant_id, day, token_type, operation, model, agent_id)"
-    " DO UPDATE SET " SUMS_UPDATE("t") ")"
-    " INSERT INTO tally.token_usage_monthly AS t"
-    " (tenant_id, month, token_type, operation, model, agent_id, " SUMS_COLS
-    ", updated_at)"
-    " SELECT tenant_id,"
-    " date_trunc('month', date '1970-01-01' + day)::date,"
-    " token_type::tally.token_type, operation::tally.operation_type,"
-    " model, agent_id, sum(tokens), sum(prompt_tokens),"
-    " sum(completion_tokens), sum(thoughts_tokens), sum(cached_tokens),"
-    " sum(events), now()"
-    " FROM tally_agg GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6"
-    " ON CONFLICT (tenant_id, month, token_type, operation, model, agent_id)"
-    " DO UPDATE SET " SUMS_UPDATE("t");
+/* The sums, one row per daily bucket (tally_agg) and per monthly bucket
+ * (tally_magg), summed and sorted by the worker in the order of each
+ * table's primary key (agg_daily_rows(), agg_monthly_rows()): the daily
+ * rows are upserted in that order, then the monthly ones, in two
+ * statements, so that every daily row is locked before any monthly one,
+ * the one lock order of every writer (track_token_usage(), reconcile
+ * --fix), and Postgres sorts and groups nothing. (A daily insert as a
+ * WITH beside the monthly one ran after it.) The order of the upserts is
+ * the order of the COPY: a sequential scan of a temp table filled by one
+ * COPY after a commit or a TRUNCATE (never a parallel or synchronized
+ * scan) returns its rows as they were written. Were it not so, the cost
+ * would be a deadlock, detected and retried, never a wrong sum. */
+#define UPSERT_SUMS(table, date, from)                                    \
+    "INSERT INTO tally." table " AS t"                                     \
+    " (" BUCKET_COLS(date) ", " SUMS_COLS ", updated_at)"                  \
+    " SELECT tenant_id, date '1970-01-01' + day,"                          \
+    " token_type::tally.token_type, operation::tally.operation_type,"      \
+    " model, agent_id, " SUMS_COLS ", now() FROM " from                    \
+    " ON CONFLICT (" BUCKET_COLS(date) ")"                                 \
+    " DO UPDATE SET " SUMS_UPDATE("t")
+static const char *const upsert_daily_sql =
+    UPSERT_SUMS("token_usage_daily", "day", "tally_agg");
+static const char *const upsert_monthly_sql =
+    UPSERT_SUMS("token_usage_monthly", "month", "tally_magg");
 
 /* Moves every position forward, only where the epoch is still ours. */
 static const char *const advance_sql =
@@ -842,16 +916,20 @@ static int store_dedupe(store_t *st, batch_t *batch,
     int rc = -1;
 
     if (store_copy_rows(st, batch, ROWS_KEYS, "COPY tally_stage FROM STDIN",
-                        errstr, errstr_size) == -1 ||
-        store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
+                        errstr, errstr_size) == -1)
+        goto out;
+    store_step(st, "stage_keys");
+    if (store_mark(st, batch, counted_before_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
+    store_step(st, "counted_before");
     free(seqs);
     seqs = NULL;
     if (store_exec(st, "SAVEPOINT tally_insert", errstr, errstr_size) == -1)
         goto out;
     if (store_copy_events_sorted(st, batch, copy_events_sql, errstr,
                                  errstr_size) == 0) {
+        store_step(st, "events_copy");
         rc = 0;
         goto out;
     }
@@ -866,32 +944,68 @@ static int store_dedupe(store_t *st, batch_t *batch,
         store_mark(st, batch, insert_racing_sql, out, &seqs, errstr,
                    errstr_size) == -1)
         goto out;
+    store_step(st, "events_race");
     rc = 0;
 out:
     free(seqs);
     return rc;
 }
 
-/* The selected events of the batch into the dedupe store and the sums,
- * inside the open transaction. 0, or -1 with errstr (and st->sqlstate). */
-static int store_apply_selected(store_t *st, batch_t *batch,
-                                store_batch_result_t *out, char *errstr,
-                                size_t errstr_size)
+/* The selected events of the batch into the dedupe store, inside the
+ * open transaction; returns their sums by daily bucket (the batch's, see
+ * batch_aggregate()), or NULL with errstr (and st->sqlstate). */
+static agg_t *store_stage_selected(store_t *st, batch_t *batch,
+                                   store_batch_result_t *out, char *errstr,
+                                   size_t errstr_size)
 {
-    const char *data;
-    size_t len, rows, events;
+    agg_t *agg;
 
     if (store_dedupe(st, batch, out, errstr, errstr_size) == -1)
-        return -1;
-    data = batch_aggregate_copy(batch, &len, &rows, &events);
-    out->counted = events;
-    out->buckets = rows;
-    if (rows == 0)
+        return NULL;
+    agg = batch_aggregate(batch, &out->counted);
+    out->buckets = agg_nonempty(agg);
+    return agg;
+}
+
+/* Upserts the sums of `agg` into the daily then the monthly rows. Sets
+ * *daily to the daily rows. 0 or -1. */
+static int store_upsert_sums(store_t *st, agg_t *agg, size_t *daily,
+                             char *errstr, size_t errstr_size)
+{
+    const char *data;
+    size_t len, rows;
+
+    data = agg_daily_rows(agg, &st->token_types, &st->operations, &len,
+                          daily);
+    if (*daily == 0)
         return 0;
     if (store_copy(st, "COPY tally_agg FROM STDIN", data, len, errstr,
                    errstr_size) == -1)
         return -1;
-    return store_exec(st, upsert_sums_sql, errstr, errstr_size);
+    data = agg_monthly_rows(agg, &st->token_types, &st->operations, &len,
+                            &rows);
+    if (store_copy(st, "COPY tally_magg FROM STDIN", data, len, errstr,
+                   errstr_size) == -1)
+        return -1;
+    store_step(st, "agg_copy");
+    if (store_exec(st, upsert_daily_sql, errstr, errstr_size) == -1 ||
+        store_exec(st, upsert_monthly_sql, errstr, errstr_size) == -1)
+        return -1;
+    store_step(st, "sums");
+    return 0;
+}
+
+/* A probe of store_isolate(): the selected events, their sums upserted at
+ * once. */
+static int store_apply_selected(store_t *st, batch_t *batch,
+                                store_batch_result_t *out, char *errstr,
+                                size_t errstr_size)
+{
+    size_t daily;
+    agg_t *agg = store_stage_selected(st, batch, out, errstr, errstr_size);
+    if (!agg)
+        return -1;
+    return store_upsert_sums(st, agg, &daily, errstr, errstr_size);
 }
 
 /* Finds the events of [lo, hi) that Postgres refuses, given what the
@@ -921,8 +1035,8 @@ static int store_isolate(store_t *st, batch_t *batch, size_t lo, size_t hi,
     memset(&scratch, 0, sizeof(scratch));
     if (store_exec(st,
                    "SAVEPOINT tally_probe;"
-                   "DELETE FROM tally_stage; DELETE FROM tally_stage_rows;"
-                   "DELETE FROM tally_agg",
+                   "TRUNCATE tally_stage, tally_stage_rows, tally_agg,"
+                   " tally_magg",
                    errstr, errstr_size) == -1)
         return -1;
     if (store_apply_selected(st, batch, &scratch, why, sizeof(why)) == 0)
@@ -947,62 +1061,178 @@ static int store_isolate(store_t *st, batch_t *batch, size_t lo, size_t hi,
                          errstr, errstr_size);
 }
 
-store_status_t store_commit_batch(store_t *st, batch_t *batch,
-                                  store_position_t *pos, size_t n,
-                                  store_batch_result_t *out, char *errstr,
-                                  size_t errstr_size)
+/* Rolls the window back. */
+static void store_window_drop(store_t *st)
 {
-    store_status_t rc = STORE_RETRY;
-    struct timespec t0;
-    double ms_fence = 0, ms_apply = 0, ms_commit;
+    st->window_batches = 0;
+    st->pending = NULL;
+    if (st->window_agg)
+        agg_clear(st->window_agg);
+    store_recover(st);
+}
+
+/* Opens the window's transaction if none is open, or readies it for one
+ * more batch; then fences and advances `pos`. */
+static store_status_t store_window_open_for(store_t *st,
+                                            store_position_t *pos, size_t n,
+                                            char *errstr,
+                                            size_t errstr_size)
+{
+    store_status_t rc = STORE_OK;
+
+    if (st->window_batches == 0) {
+        if (store_prepare_session(st, errstr, errstr_size) == -1)
+            return STORE_RETRY;
+        if (store_exec(st, "BEGIN", errstr, errstr_size) == -1)
+            return STORE_RETRY;
+    } else if (store_exec(st, "TRUNCATE tally_stage, tally_stage_rows",
+                          errstr, errstr_size) == -1) {
+        return STORE_RETRY; /* the previous batch's keys */
+    }
+    if (n > 0)
+        rc = store_advance(st, pos, n, errstr, errstr_size);
+    store_step(st, "fence");
+    return rc;
+}
+
+/* Poison in a batch that is its window's only one: rolls back and finds,
+ * in a transaction of its own that is rolled back too, the events
+ * Postgres refuses (marked in the batch; the caller dead-letters them
+ * and commits the rest). STORE_REJECTED, or STORE_RETRY. */
+static store_status_t store_find_rejected(store_t *st, batch_t *batch,
+                                          store_position_t *pos, size_t n,
+                                          char *errstr, size_t errstr_size)
+{
+    store_status_t rc;
     size_t n_rejected = 0;
+
+    log_warn("postgres refused a batch of %zu events (%s): looking for "
+             "the events it refuses",
+             batch_count(batch), errstr);
+    store_window_drop(st);
+    rc = store_window_open_for(st, pos, n, errstr, errstr_size);
+    if (rc == STORE_OK)
+        rc = store_isolate(st, batch, 0, batch_count(batch), &n_rejected,
+                           errstr, errstr_size) == 0
+                 ? STORE_REJECTED
+                 : STORE_RETRY;
+    store_window_drop(st); /* nothing of it is kept */
+    batch_select(batch, 0, SIZE_MAX);
+    if (rc == STORE_REJECTED && n_rejected > 0) {
+        snprintf(errstr, errstr_size,
+                 "postgres refused %zu events of the batch", n_rejected);
+    } else if (rc == STORE_REJECTED) {
+        snprintf(errstr, errstr_size,
+                 "postgres refused the batch but each part alone went "
+                 "in; retrying it");
+        rc = STORE_RETRY;
+    }
+    return rc;
+}
+
+/* A data error (poison) in the window: isolated in `batch` when it is the
+ * window's only batch, else the window is rolled back for the caller to
+ * commit its batches one by one. */
+static store_status_t store_window_refused(store_t *st, batch_t *batch,
+                                           store_position_t *pos, size_t n,
+                                           char *errstr, size_t errstr_size)
+{
+    char why[512];
+    if (batch && st->window_batches <= 1)
+        return store_find_rejected(st, batch, pos, n, errstr, errstr_size);
+    snprintf(why, sizeof(why), "%s", errstr);
+    snprintf(errstr, errstr_size,
+             "postgres refused a window of %zu batches (%s): to be "
+             "committed a batch at a time",
+             st->window_batches, why);
+    store_window_drop(st);
+    return STORE_SPLIT;
+}
+
+/* store_window_add(), with the batch's positions kept for a poison hunt
+ * if the window is the batch alone. */
+static store_status_t store_window_put(store_t *st, batch_t *batch,
+                                       store_position_t *pos, size_t n,
+                                       bool keep, store_batch_result_t *out,
+                                       char *errstr, size_t errstr_size)
+{
+    store_status_t rc;
+    agg_t *agg = NULL;
 
     memset(out, 0, sizeof(*out));
     st->sqlstate[0] = '\0';
     batch_reset_marks(batch);
     batch_select(batch, 0, SIZE_MAX);
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (store_prepare_session(st, errstr, errstr_size) == -1)
+    if (st->window_batches >= STORE_WINDOW_MAX_BATCHES) {
+        snprintf(errstr, errstr_size, "a window holds at most %d batches",
+                 STORE_WINDOW_MAX_BATCHES);
+        store_window_drop(st);
         return STORE_RETRY;
-    if (store_exec(st, "BEGIN", errstr, errstr_size) == -1)
-        goto out;
-    if (n > 0) {
-        rc = store_advance(st, pos, n, errstr, errstr_size);
-        if (rc != STORE_OK)
-            goto out;
-        rc = STORE_RETRY;
     }
-    ms_fence = elapsed_ms(&t0);
+    rc = store_window_open_for(st, pos, n, errstr, errstr_size);
+    if (rc != STORE_OK) {
+        store_window_drop(st);
+        return rc;
+    }
     if (batch_count(batch) > 0 &&
-        (store_exec(st, "SAVEPOINT tally_batch", errstr, errstr_size) ==
-             -1 ||
-         store_apply_selected(st, batch, out, errstr, errstr_size) == -1)) {
-        if (!store_data_error(st))
-            goto out;
-        /* Poison: find the events Postgres refuses; the caller
-         * dead-letters them and commits the rest. */
-        log_warn("postgres refused a batch of %zu events (%s): looking for "
-                 "the events it refuses",
-                 batch_count(batch), errstr);
-        if (store_exec(st, "ROLLBACK TO SAVEPOINT tally_batch", errstr,
-                       errstr_size) == -1 ||
-            store_isolate(st, batch, 0, batch_count(batch), &n_rejected,
-                          errstr, errstr_size) == -1)
-            goto out;
-        batch_select(batch, 0, SIZE_MAX);
-        if (n_rejected > 0) {
-            snprintf(errstr, errstr_size,
-                     "postgres refused %zu events of the batch",
-                     n_rejected);
-            rc = STORE_REJECTED;
-        } else {
-            snprintf(errstr, errstr_size,
-                     "postgres refused the batch but each part alone went "
-                     "in; retrying it");
+        !(agg = store_stage_selected(st, batch, out, errstr, errstr_size))) {
+        if (store_data_error(st)) {
+            /* The batch counts as in the window until it is isolated. */
+            st->window_batches++;
+            return store_window_refused(st, batch, pos, n, errstr,
+                                        errstr_size);
         }
-        goto out; /* nothing of this transaction is kept */
+        store_window_drop(st);
+        return STORE_RETRY;
     }
-    ms_apply = elapsed_ms(&t0);
+    if (agg && keep && st->window_batches == 0) {
+        st->pending = agg; /* the batch's own, until the window ends */
+    } else if (agg) {
+        if (!st->window_agg && !(st->window_agg = agg_new(4096)))
+            abort();
+        if (st->pending && st->pending != st->window_agg)
+            agg_merge(st->window_agg, st->pending);
+        agg_merge(st->window_agg, agg);
+        st->pending = st->window_agg;
+    }
+    st->window_batches++;
+    return STORE_OK;
+}
+
+store_status_t store_window_add(store_t *st, batch_t *batch,
+                                store_position_t *pos, size_t n,
+                                store_batch_result_t *res, char *errstr,
+                                size_t errstr_size)
+{
+    return store_window_put(st, batch, pos, n, false, res, errstr,
+                            errstr_size);
+}
+
+/* store_window_commit(); `batch` (with its positions) when the window is
+ * that batch alone, for a poison hunt. */
+static store_status_t store_window_end(store_t *st, batch_t *batch,
+                                       store_position_t *pos, size_t n,
+                                       size_t *daily, char *errstr,
+                                       size_t errstr_size)
+{
+    struct timespec t0;
+    double ms_sums, ms_commit;
+
+    *daily = 0;
+    if (st->window_batches == 0)
+        return STORE_OK;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    st->sqlstate[0] = '\0';
+    if (st->pending &&
+        store_upsert_sums(st, st->pending, daily, errstr, errstr_size) ==
+            -1) {
+        if (store_data_error(st))
+            return store_window_refused(st, batch, pos, n, errstr,
+                                        errstr_size);
+        store_window_drop(st);
+        return STORE_RETRY;
+    }
+    ms_sums = elapsed_ms(&t0);
     fault_point("inside-txn");
     if (fault_hit("commit-lost")) {
         /* COMMIT sent, its answer never read: the outcome is unknown
@@ -1010,21 +1240,79 @@ store_status_t store_commit_batch(store_t *st, batch_t *batch,
         PQsendQuery(st->conn, "COMMIT");
         PQflush(st->conn);
         store_disconnect(st);
+        store_window_drop(st);
         snprintf(errstr, errstr_size,
                  "postgres: connection lost during COMMIT (test fault)");
-        goto out;
+        return STORE_RETRY;
     }
-    if (store_exec(st, "COMMIT", errstr, errstr_size) == -1)
-        goto out;
+    if (store_exec(st, "COMMIT", errstr, errstr_size) == -1) {
+        store_window_drop(st);
+        return STORE_RETRY;
+    }
     ms_commit = elapsed_ms(&t0);
-    log_debug("batch timings: fence %.1f ms, dedupe and sums %.1f ms "
-              "(%zu rows), commit %.1f ms",
-              ms_fence, ms_apply, out->buckets, ms_commit);
-    rc = STORE_OK;
-out:
+    store_step(st, "commit");
+    log_debug("window timings: %zu batches, sums %.1f ms (%zu daily rows), "
+              "commit %.1f ms",
+              st->window_batches, ms_sums, *daily, ms_commit);
+    st->window_batches = 0;
+    st->pending = NULL;
+    if (st->window_agg)
+        agg_clear(st->window_agg);
+    return STORE_OK;
+}
+
+store_status_t store_window_commit(store_t *st, store_batch_result_t *res,
+                                   char *errstr, size_t errstr_size)
+{
+    memset(res, 0, sizeof(*res));
+    return store_window_end(st, NULL, NULL, 0, &res->buckets, errstr,
+                            errstr_size);
+}
+
+void store_window_abort(store_t *st)
+{
+    if (st->window_batches > 0)
+        store_window_drop(st);
+}
+
+size_t store_window_batches(const store_t *st)
+{
+    return st->window_batches;
+}
+
+size_t store_window_buckets(const store_t *st)
+{
+    if (st->pending && st->pending == st->window_agg)
+        return agg_count(st->window_agg);
+    return st->pending ? agg_nonempty(st->pending) : 0;
+}
+
+const char *store_last_sqlstate(const store_t *st)
+{
+    return st->sqlstate;
+}
+
+store_status_t store_commit_batch(store_t *st, batch_t *batch,
+                                  store_position_t *pos, size_t n,
+                                  store_batch_result_t *out, char *errstr,
+                                  size_t errstr_size)
+{
+    struct timespec t0;
+    double ms_stage;
+    size_t daily;
+    store_status_t rc;
+
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    rc = store_window_put(st, batch, pos, n, true, out, errstr,
+                          errstr_size);
     if (rc != STORE_OK)
-        store_recover(st);
-    return rc;
+        return rc;
+    ms_stage = elapsed_ms(&t0);
+    log_debug("batch timings: fence, dedupe and daily rows %.1f ms "
+              "(%zu rows)",
+              ms_stage, out->buckets);
+    return store_window_end(st, batch, pos, n, &daily, errstr,
+                            errstr_size);
 }
 
 /* ---------------------------------------------------------------- */
@@ -1036,6 +1324,8 @@ int store_prune_events(store_t *st, int dedupe_days, long limit,
     char sql[512];
     PGresult *res;
 
+    if (store_busy(st, errstr, errstr_size))
+        return -1;
     snprintf(sql, sizeof(sql),
              "DELETE FROM tally.token_usage_events WHERE ctid = ANY(ARRAY("
              "SELECT ctid FROM tally.token_usage_events"
