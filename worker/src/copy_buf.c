@@ -19,6 +19,8 @@ void copy_buf_reserve(copy_buf_t *b, size_t more)
 
 void copy_buf_put(copy_buf_t *b, const void *p, size_t n)
 {
+    if (n == 0)
+        return; /* b->data may still be NULL */
     copy_buf_reserve(b, n);
     memcpy(b->data + b->len, p, n);
     b->len += n;

@@ -310,7 +310,8 @@ static size_t agg_sort(agg_t *a, bool monthly, const usage_enum_t *tt,
     agg_rank_strings(a, n, 0, 0);
     agg_rank_strings(a, n, 3, 1);
     agg_rank_strings(a, n, 4, 2);
-    qsort_r(a->order, n, sizeof(*a->order), agg_cmp, &s);
+    if (n > 1) /* a->order is NULL while nothing was ever summed */
+        qsort_r(a->order, n, sizeof(*a->order), agg_cmp, &s);
     return n;
 }
 
