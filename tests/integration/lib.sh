@@ -120,6 +120,26 @@ it_worker_kill9() {
   rm -f "$IT_DIR/$1.pid" # reaped: see it_worker_stop
 }
 
+# Starts worker NAME with a test fault point armed (TALLY_TEST_FAULT, see
+# worker/src/fault.h) and waits until the fault killed it with SIGKILL:
+# it_crash_at NAME FAULT [worker args...]
+it_crash_at() {
+  local name=$1 fault=$2 pid rc=0
+  shift 2
+  TALLY_TEST_FAULT=$fault it_worker_start "$name" "$@"
+  pid=$(it_worker_pid "$name")
+  for _ in $(seq 1 600); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && fail "$name was not killed at $fault"
+  wait "$pid" || rc=$?
+  rm -f "$IT_DIR/$name.pid" # reaped: see it_worker_stop
+  [ "$rc" -eq 137 ] || fail "$name exited $rc at $fault, expected 137 (SIGKILL)"
+  grep -q "TALLY_TEST_FAULT: killing the process at ${fault%%:*}" \
+    "$IT_DIR/$name.log" || fail "$name did not die at $fault"
+}
+
 # Produces a JSON-lines file to the usage topic, and checks that the
 # broker still holds every message (tally devbroker keeps ~5 MiB per
 # partition).

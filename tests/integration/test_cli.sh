@@ -108,6 +108,10 @@ run 2 "worker --batch-size x" -- "$TALLY" worker --batch-size x &&
   says "--batch-size"
 run 2 "worker --batch-size (no value)" -- "$TALLY" worker --batch-size &&
   says "--batch-size"
+run 2 "worker --commit-batches 0" -- "$TALLY" worker --commit-batches 0 &&
+  says "--commit-batches"
+run 2 "worker --commit-batches 49" -- "$TALLY" worker --commit-batches 49 &&
+  says "--commit-batches"
 run 2 "worker --start-from sideways" -- "$TALLY" worker --start-from sideways &&
   says "--start-from"
 run 2 "worker --no-migrate=maybe" -- "$TALLY" worker --no-migrate=maybe &&
@@ -129,6 +133,8 @@ run 2 "TALLY_BATCH_SIZE=x" -- env TALLY_BATCH_SIZE=x "$TALLY" worker &&
   says "TALLY_BATCH_SIZE"
 run 2 "TALLY_BATCH_SIZE=0" -- env TALLY_BATCH_SIZE=0 "$TALLY" worker &&
   says "TALLY_BATCH_SIZE"
+run 2 "TALLY_COMMIT_BATCHES=many" -- env TALLY_COMMIT_BATCHES=many \
+  "$TALLY" worker && says "TALLY_COMMIT_BATCHES"
 run 2 "TALLY_START_FROM=sideways" -- env TALLY_START_FROM=sideways \
   "$TALLY" worker && says "TALLY_START_FROM"
 run 2 "TALLY_NO_MIGRATE=perhaps" -- env TALLY_NO_MIGRATE=perhaps \

@@ -18,33 +18,18 @@ it_setup "$1" "$2" 4
 total=$(it_summary "$IT_DIR/expect.summary" lines)
 it_produce "$IT_DIR/events.jsonl"
 
-# Starts worker NAME with a fault point armed and waits until the fault
-# killed it: crash_at NAME FAULT [args...]
-crash_at() {
-  local name=$1 fault=$2 pid rc=0
-  shift 2
-  TALLY_TEST_FAULT=$fault it_worker_start "$name" "$@"
-  pid=$(it_worker_pid "$name")
-  for _ in $(seq 1 600); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -0 "$pid" 2>/dev/null && fail "$name was not killed at $fault"
-  wait "$pid" || rc=$?
-  [ "$rc" -eq 137 ] || fail "$name exited $rc at $fault, expected 137 (SIGKILL)"
-  grep -q "TALLY_TEST_FAULT: killing the process at ${fault%%:*}" \
-    "$IT_DIR/$name.log" || fail "$name did not die at $fault"
-}
-
-args=(--batch-size 1000 --batch-ms 100 -X session.timeout.ms=3000)
+# A transaction per batch (--commit-batches 1): the points land on
+# batches; test_worker_window_kill9.sh has them inside windows.
+args=(--batch-size 1000 --batch-ms 100 --commit-batches 1
+  -X session.timeout.ms=3000)
 step "kill -9 right after the third Postgres commit, before the Kafka commit"
-crash_at a1 after-pg-commit:3 "${args[@]}"
+it_crash_at a1 after-pg-commit:3 "${args[@]}"
 at=$(it_committed)
 echo "    killed with $at of $total committed in Postgres"
 [ "$at" -gt 0 ] && [ "$at" -lt "$total" ] || fail "killed at $at of $total"
 
 step "kill -9 inside the transaction of the second batch of a new worker"
-crash_at a2 inside-txn:2 "${args[@]}"
+it_crash_at a2 inside-txn:2 "${args[@]}"
 at2=$(it_committed)
 echo "    killed with $at2 of $total committed"
 [ "$at2" -ge "$at" ] || fail "positions went back: $at -> $at2"
@@ -66,7 +51,7 @@ for i in $(seq 1 50); do
 done >"$IT_DIR/inv.jsonl"
 "$TALLY" produce --topic cache-invalidation --file "$IT_DIR/inv.jsonl" \
   >>"$IT_DIR/produce.log" 2>&1 || fail "producing the invalidations"
-crash_at i1 before-redis-apply --usage-topic "" -X session.timeout.ms=3000
+it_crash_at i1 before-redis-apply --usage-topic "" -X session.timeout.ms=3000
 left=$(it_redis_cli --scan --pattern 'cache:{t9}:*' | wc -l)
 [ "$left" -eq 50 ] || fail "$left of 50 keys left after the kill, expected 50"
 it_worker_start i2 --usage-topic "" -X session.timeout.ms=3000

@@ -33,9 +33,10 @@ tally_worker_test(fault_config)
 tally_worker_test(fault_crash_points)
 tally_worker_test(fault_broker)
 tally_worker_test(fault_postgres)
-# The store's windows (several batches a transaction; not used by the
-# worker yet), driven by tally-pgstage, under SIGKILL.
+# Windows (several batches a transaction) under SIGKILL: the store's,
+# driven by tally-pgstage, and the worker's (--commit-batches).
 tally_worker_test(store_window_kill9 $<TARGET_FILE:tally-pgstage>)
+tally_worker_test(worker_window_kill9)
 
 # Two tests again with the worker under valgrind memcheck (label
 # valgrind): worker_dlq (every reason code's error path and the

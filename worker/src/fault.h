@@ -5,7 +5,8 @@
 #include <stdbool.h>
 
 /* When the environment variable TALLY_TEST_FAULT names this point
- * ("after-pg-commit", "inside-txn", "before-redis-apply"), its N-th pass
+ * ("after-pg-commit", "inside-txn", "window-open", "before-redis-apply"),
+ * its N-th pass
  * (default 1) logs and raises SIGKILL: the crash tests use it to stop the
  * worker at a precise step. Without the variable it costs one branch. */
 void fault_point(const char *name);

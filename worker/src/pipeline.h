@@ -68,6 +68,12 @@ typedef struct {
     int64_t committed;  /* next offset committed (< 0: none known yet) */
     int64_t first;      /* first offset in the open batch */
     int64_t next;       /* next offset to process */
+    /* token-usage: in the open window (a transaction of several batches
+     * not committed yet), up to window_next; and, after a window failed,
+     * commit its batches alone until `committed` reaches alone_until. */
+    bool in_window;
+    int64_t window_next;
+    int64_t alone_until;
     bool dirty;         /* state changed since librdkafka was told */
     metric_t *lag;      /* the lag series of this partition */
 } part_t;

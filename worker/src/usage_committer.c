@@ -1,10 +1,14 @@
-/* The token-usage committer thread: one batch's Postgres transaction at a
- * time, while the consumer fills the next. */
+/* The token-usage committer thread: one batch at a time goes to Postgres,
+ * while the consumer fills the next. */
 #include "usage_committer.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+
+#include "fault.h"
 
 struct committer {
     pthread_t thread;
@@ -23,6 +27,51 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* The job's batch into the window, or the window alone. */
+static void committer_run(store_t *st, committer_job_t *job)
+{
+    store_batch_result_t wres;
+
+    job->committed = false;
+    job->sqlstate[0] = '\0';
+    if (!job->batch) {
+        job->window_batches = store_window_batches(st);
+        job->status =
+            store_window_commit(st, &wres, job->err, sizeof(job->err));
+        job->committed = job->status == STORE_OK;
+        job->upserted = wres.buckets;
+        memset(&job->res, 0, sizeof(job->res));
+    } else if (job->close && store_window_batches(st) == 0) {
+        /* A batch alone: store_commit_batch() also finds the events
+         * Postgres refuses when the sums fail. */
+        job->window_batches = 1;
+        job->status = store_commit_batch(st, job->batch, job->pos, job->n,
+                                         &job->res, job->err,
+                                         sizeof(job->err));
+        job->committed = job->status == STORE_OK;
+        job->upserted = job->res.buckets;
+    } else {
+        job->window_batches = store_window_batches(st) + 1;
+        job->status = store_window_add(st, job->batch, job->pos, job->n,
+                                       &job->res, job->err, sizeof(job->err));
+        if (job->status == STORE_OK &&
+            (job->close ||
+             store_window_batches(st) >= STORE_WINDOW_MAX_BATCHES ||
+             (job->max_buckets > 0 &&
+              store_window_buckets(st) >= job->max_buckets))) {
+            job->status = store_window_commit(st, &wres, job->err,
+                                              sizeof(job->err));
+            job->committed = job->status == STORE_OK;
+            job->upserted = wres.buckets;
+        } else if (job->status == STORE_OK) {
+            fault_point("window-open"); /* added, the window still open */
+        }
+    }
+    if (job->status != STORE_OK)
+        snprintf(job->sqlstate, sizeof(job->sqlstate), "%s",
+                 store_last_sqlstate(st));
+}
+
 static void *committer_main(void *arg)
 {
     committer_t *com = arg;
@@ -38,9 +87,7 @@ static void *committer_main(void *arg)
         job = com->job;
         pthread_mutex_unlock(&com->mu);
         t0 = now_us();
-        job->status =
-            store_commit_batch(com->store, job->batch, job->pos, job->n,
-                               &job->res, job->err, sizeof(job->err));
+        committer_run(com->store, job);
         job->took_us = now_us() - t0;
         pthread_mutex_lock(&com->mu);
         com->done = true;

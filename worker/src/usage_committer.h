@@ -1,5 +1,6 @@
-/* The token-usage committer thread: one batch's Postgres transaction at a
- * time, while the consumer fills the next. */
+/* The token-usage committer thread: one batch at a time goes to Postgres,
+ * while the consumer fills the next. Batches go into a window (one
+ * transaction for several batches, usage_store.h) that a job closes. */
 #ifndef TALLY_USAGE_COMMITTER_H
 #define TALLY_USAGE_COMMITTER_H
 
@@ -17,9 +18,23 @@ typedef struct {
     store_position_t *pos; /* the positions it advances */
     size_t n;
     size_t msgs, dlq; /* messages and dead letters it covers */
-    /* The outcome (store_commit_batch()). */
+    /* Commit the window with this batch (a batch alone when no window is
+     * open: store_commit_batch()). A job with no batch (NULL) commits the
+     * open window alone. */
+    bool close;
+    /* The committer also closes the window once its sums hold this many
+     * daily buckets (0: no bound). */
+    size_t max_buckets;
+    /* The outcome. On STORE_OK, `committed` says whether the window
+     * (with this batch) is committed or still open. Any other status:
+     * the window is rolled back, every batch of it to be consumed
+     * again. */
     store_status_t status;
+    bool committed;
+    size_t window_batches; /* the window's batches, this one included */
+    size_t upserted;       /* committed: the daily rows upserted */
     store_batch_result_t res;
+    char sqlstate[6];
     int64_t took_us;
     char err[512];
 } committer_job_t;

@@ -31,7 +31,7 @@
 typedef struct {
     metric_t *messages, *counted, *dup_batch, *dup_store, *conflicts;
     metric_t *dead_letters[USAGE_ERR__COUNT];
-    metric_t *batches, *batch_failures, *fenced, *pg_up;
+    metric_t *batches, *transactions, *batch_failures, *fenced, *pg_up;
     metric_t *commit_us, *skipped, *store_rejected;
     metric_t *parse_ns, *commit_wait_ns;
     metric_t *batch_messages, *commit_duration;
@@ -47,6 +47,11 @@ typedef struct {
     batch_t *spare;      /* the other buffer, when not with the committer */
     size_t batch_msgs, batch_bytes, batch_dlq;
     int64_t batch_opened_ms;
+    /* The open window: batches in the committer's transaction, not
+     * committed yet (their partitions are marked in_window). */
+    size_t win_batches, win_msgs, win_dlq;
+    store_batch_result_t win_res;
+    int64_t win_opened_ms, win_took_us;
     backoff_t pg; /* Postgres failed: wait before using it again */
     bool pg_down_logged;
     int64_t pg_seen_ms; /* Postgres last answered */
@@ -81,7 +86,9 @@ static void consumer_metrics_init(consumer_t *c)
         batch_bounds, sizeof(batch_bounds) / sizeof(*batch_bounds));
     m->commit_duration = metrics_histogram(
         "tally_usage_commit_duration_seconds", NULL,
-        "duration of a batch's Postgres transaction", commit_bounds,
+        "Postgres time of a committed transaction (its batches' statements "
+        "and the COMMIT)",
+        commit_bounds,
         sizeof(commit_bounds) / sizeof(*commit_bounds));
     m->ready = metrics_readiness(c->conf->ready_name);
     c->pl.rebalances = metrics_counter(
@@ -108,6 +115,10 @@ static void consumer_metrics_init(consumer_t *c)
         "tally_usage_dead_letters_total", "store_rejected", NULL);
     m->batches = metrics_counter("tally_usage_batches_total", NULL,
                                  "batches committed to Postgres");
+    m->transactions = metrics_counter(
+        "tally_usage_transactions_total", NULL,
+        "Postgres transactions that committed batches (one or a window of "
+        "several)");
     m->batch_failures = metrics_counter(
         "tally_usage_batch_failures_total", NULL,
         "batches abandoned (Postgres or dead-letter failure, fencing)");
@@ -202,6 +213,7 @@ static bool consumer_pg_ready(consumer_t *c)
 }
 
 static bool consumer_collect(consumer_t *c, bool wait);
+static bool consumer_settle(consumer_t *c, bool wait);
 
 /* ---------------------------------------------------------------- */
 /* Claims: positions come from Postgres, never from Kafka              */
@@ -218,7 +230,7 @@ static int consumer_claim(consumer_t *c, rd_kafka_topic_partition_list_t *l)
 
     if (l->cnt == 0)
         return 0;
-    consumer_collect(c, true); /* the store is ours from here */
+    consumer_settle(c, true); /* the store is ours from here */
     for (int i = 0; i < l->cnt; i++) {
         /* Fenced meanwhile: our view of the group is stale; wait. */
         if (parts_get(&c->pl.parts, l->elems[i].partition)->state !=
@@ -431,46 +443,138 @@ out:
     return rc;
 }
 
-static void consumer_commit_kafka(consumer_t *c, const store_position_t *pos,
-                                  size_t n)
-{
-    rd_kafka_topic_partition_list_t *l =
-        rd_kafka_topic_partition_list_new((int)n);
-    rd_kafka_resp_err_t err;
+/* ---------------------------------------------------------------- */
+/* Windows: several batches in one Postgres transaction               */
 
-    for (size_t i = 0; i < n; i++)
-        rd_kafka_topic_partition_list_add(l, pos[i].topic, pos[i].partition)
-            ->offset = pos[i].next_offset;
-    /* Postgres is the source of truth; this is for lag tools only. */
-    err = rd_kafka_commit(c->pl.rk, l, 1);
-    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-        log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
-    rd_kafka_topic_partition_list_destroy(l);
+/* A batch went into the window (the committer's open transaction): its
+ * counts and positions wait there for the window's commit. */
+static void consumer_window_put(consumer_t *c, const committer_job_t *job)
+{
+    if (c->win_batches++ == 0)
+        c->win_opened_ms = now_ms();
+    c->win_msgs += job->msgs;
+    c->win_dlq += job->dlq;
+    c->win_res.counted += job->res.counted;
+    c->win_res.counted_before += job->res.counted_before;
+    c->win_res.conflicts += job->res.conflicts;
+    metric_observe(c->m.batch_messages, (double)job->msgs);
+    for (size_t i = 0; i < job->n; i++) {
+        part_t *p = parts_get(&c->pl.parts, job->pos[i].partition);
+        p->in_window = true;
+        p->window_next = job->pos[i].next_offset;
+    }
 }
 
-/* Acts on a committed job: counters, positions, the Kafka commit. */
-static void consumer_committed(consumer_t *c, const committer_job_t *job)
+/* Forgets the window: committed, or rolled back. */
+static void consumer_window_reset(consumer_t *c)
 {
+    c->win_batches = 0;
+    c->win_msgs = 0;
+    c->win_dlq = 0;
+    c->win_took_us = 0;
+    memset(&c->win_res, 0, sizeof(c->win_res));
+    for (int32_t i = 0; i < c->pl.parts.n; i++)
+        c->pl.parts.parts[i].in_window = false;
+}
+
+/* A window failed for its data (Postgres refused it at the sums: a
+ * window is rolled back whole, STORE_SPLIT) or deadlocked with another
+ * writer of the same rows: its messages are committed a batch at a time
+ * when they come again (store_commit_batch(), which finds a refused
+ * event and has it dead-lettered on its own). */
+static void consumer_window_failed(consumer_t *c, const committer_job_t *job)
+{
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        part_t *p = &c->pl.parts.parts[i];
+        if (p->in_window && p->window_next > p->alone_until)
+            p->alone_until = p->window_next;
+    }
+    for (size_t i = 0; i < job->n; i++) {
+        part_t *p = parts_get(&c->pl.parts, job->pos[i].partition);
+        if (job->pos[i].next_offset > p->alone_until)
+            p->alone_until = job->pos[i].next_offset;
+    }
+}
+
+/* True while a partition of ours has messages of a failed window ahead:
+ * batches go alone until it passes them. */
+static bool consumer_alone(const consumer_t *c)
+{
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        const part_t *p = &c->pl.parts.parts[i];
+        if (p->state == PART_ACTIVE && p->alone_until > 0 &&
+            p->alone_until > p->committed)
+            return true;
+    }
+    return false;
+}
+
+/* Hands the committer a job without a batch: the open window committed
+ * (`commit`) or rolled back. */
+static void consumer_window_end(consumer_t *c, bool commit)
+{
+    committer_job_t *job = &c->job;
+
+    job->batch = NULL;
+    job->n = 0;
+    job->msgs = 0;
+    job->dlq = 0;
+    job->close = commit;
+    committer_submit(c->com, job);
+}
+
+/* Makes the store ours: the job out collected (waiting for it when
+ * `wait`) and the open window committed. True when the store is free
+ * now. */
+static bool consumer_settle(consumer_t *c, bool wait)
+{
+    if (!consumer_collect(c, wait))
+        return false;
+    if (c->win_batches == 0)
+        return true;
+    consumer_window_end(c, true);
+    return consumer_collect(c, wait);
+}
+
+/* The window committed: counters, positions, the Kafka commit. */
+static void consumer_committed(consumer_t *c)
+{
+    rd_kafka_topic_partition_list_t *l;
+    rd_kafka_resp_err_t err;
+
     fault_point("after-pg-commit"); /* before the Kafka commit */
     consumer_pg_ok(c);
-    metric_add(c->m.commit_us, (uint64_t)job->took_us);
-    metric_add(c->m.batches, 1);
-    metric_observe(c->m.batch_messages, (double)job->msgs);
-    metric_observe(c->m.commit_duration, (double)job->took_us / 1e6);
-    metric_add(c->m.counted, job->res.counted);
-    metric_add(c->m.dup_store, job->res.counted_before);
-    metric_add(c->m.conflicts, job->res.conflicts);
-    log_debug("batch committed: %zu messages, %zu counted, %zu counted "
-              "before, %zu buckets, %zu dead letters, %.1f ms",
-              job->msgs, job->res.counted, job->res.counted_before,
-              job->res.buckets, job->dlq, (double)job->took_us / 1000.0);
-    for (size_t i = 0; i < job->n; i++) {
-        parts_get(&c->pl.parts, job->pos[i].partition)->committed =
-            job->pos[i].next_offset;
-        dead_letter_forget(c->conf->dlq, job->pos[i].partition,
-                           job->pos[i].next_offset);
+    metric_add(c->m.commit_us, (uint64_t)c->win_took_us);
+    metric_add(c->m.batches, c->win_batches);
+    metric_add(c->m.transactions, 1);
+    metric_observe(c->m.commit_duration, (double)c->win_took_us / 1e6);
+    metric_add(c->m.counted, c->win_res.counted);
+    metric_add(c->m.dup_store, c->win_res.counted_before);
+    metric_add(c->m.conflicts, c->win_res.conflicts);
+    log_debug("committed %zu batches in one transaction: %zu messages, %zu "
+              "counted, %zu counted before, %zu daily rows, %zu dead "
+              "letters, %.1f ms in Postgres",
+              c->win_batches, c->win_msgs, c->win_res.counted,
+              c->win_res.counted_before, c->win_res.buckets, c->win_dlq,
+              (double)c->win_took_us / 1000.0);
+    l = rd_kafka_topic_partition_list_new(8);
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        part_t *p = &c->pl.parts.parts[i];
+        if (!p->in_window)
+            continue;
+        p->committed = p->window_next;
+        dead_letter_forget(c->conf->dlq, i, p->window_next);
+        rd_kafka_topic_partition_list_add(l, c->conf->topic, i)->offset =
+            p->window_next;
     }
-    consumer_commit_kafka(c, job->pos, job->n);
+    /* Postgres is the source of truth; this is for lag tools only. */
+    if (l->cnt > 0) {
+        err = rd_kafka_commit(c->pl.rk, l, 1);
+        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    consumer_window_reset(c);
 }
 
 /* A job fenced: being fenced means our view of the group is stale (a
@@ -497,9 +601,37 @@ static void consumer_fenced(consumer_t *c, const committer_job_t *job)
     parts_sync(&c->pl.parts);
 }
 
+/* A job failed: the window (this batch and those before it in the
+ * transaction) is rolled back, and everything after the positions in
+ * Postgres is consumed again. */
+static void consumer_job_failed(consumer_t *c, const committer_job_t *job)
+{
+    size_t msgs = c->win_msgs + job->msgs;
+
+    if (job->status == STORE_SPLIT || strcmp(job->sqlstate, "40P01") == 0)
+        consumer_window_failed(c, job);
+    consumer_window_reset(c);
+    if (job->status == STORE_FENCED) {
+        consumer_fenced(c, job);
+        return;
+    }
+    metric_add(c->m.batch_failures, 1);
+    if (job->status == STORE_SPLIT) {
+        /* Not Postgres being down: no backoff. */
+        log_warn("%zu messages not committed: %s", msgs, job->err);
+        consumer_abandon_batch(c, "the window before it was refused");
+        return;
+    }
+    log_warn("%zu messages not committed (%zu batches): %s", msgs,
+             job->window_batches, job->err);
+    consumer_pg_failed(c, "postgres commit failed", job->err);
+    consumer_abandon_batch(c, "the batch before it failed");
+}
+
 /* Takes the committer's result, if there is one (waiting for it when
- * `wait`), and acts on it: positions advanced, or the batch behind it
- * abandoned. When it returns true, the store is ours. */
+ * `wait`), and acts on it: the batch in the window, the window
+ * committed, or everything behind it abandoned. True when the committer
+ * is idle (a window may still be open: consumer_settle()). */
 static bool consumer_collect(consumer_t *c, bool wait)
 {
     committer_job_t *job;
@@ -523,20 +655,22 @@ static bool consumer_collect(consumer_t *c, bool wait)
         job->status = STORE_RETRY;
         break;
     }
-    if (job->status == STORE_FENCED) {
-        consumer_fenced(c, job);
-    } else if (job->status != STORE_OK) {
-        log_warn("batch of %zu messages not committed: %s", job->msgs,
-                 job->err);
-        metric_add(c->m.batch_failures, 1);
-        consumer_pg_failed(c, "postgres commit failed", job->err);
-        consumer_abandon_batch(c, "the batch before it failed");
+    c->win_took_us += job->took_us;
+    if (job->status != STORE_OK) {
+        consumer_job_failed(c, job);
     } else {
-        consumer_committed(c, job);
+        if (job->batch)
+            consumer_window_put(c, job);
+        if (job->committed) {
+            c->win_res.buckets = job->upserted;
+            consumer_committed(c);
+        }
     }
-    batch_clear(job->batch);
-    c->spare = job->batch;
-    job->batch = NULL;
+    if (job->batch) {
+        batch_clear(job->batch);
+        c->spare = job->batch;
+        job->batch = NULL;
+    }
     return true;
 }
 
@@ -554,9 +688,13 @@ static void consumer_reset_batch(consumer_t *c)
 
 /* Drops the open batch: nothing of it is committed, so every active
  * partition goes back to its Postgres position (claimed again, which also
- * settles a commit whose outcome we did not learn). */
+ * settles a commit whose outcome we did not learn). An open window is
+ * committed first (its batches are whole): it must not hold its locks
+ * while we wait. */
 static void consumer_abandon_batch(consumer_t *c, const char *why)
 {
+    if (c->win_batches > 0 && committer_idle(c->com))
+        consumer_settle(c, true);
     if (c->batch_msgs > 0) {
         log_warn("batch of %zu messages abandoned (%s); they will be "
                  "consumed again from the positions in Postgres",
@@ -568,10 +706,27 @@ static void consumer_abandon_batch(consumer_t *c, const char *why)
     parts_sync(&c->pl.parts);
 }
 
+/* Whether the batch being sealed commits the window: `sync` (a
+ * rebalance, the end), a batch sealed by --batch-ms (traffic is slower
+ * than a batch: no reason to wait), the window full (--commit-batches)
+ * or open for --batch-ms already, or messages of a failed window ahead. */
+static bool consumer_window_closes(const consumer_t *c, bool sync)
+{
+    bool by_time = !batch_is_full(c->batch) &&
+                   c->batch_msgs < c->conf->batch_size &&
+                   c->batch_bytes < c->conf->batch_bytes;
+    return sync || by_time || c->win_batches + 1 >= c->conf->commit_batches ||
+           (c->win_batches > 0 &&
+            now_ms() - c->win_opened_ms >= c->conf->batch_ms) ||
+           consumer_alone(c);
+}
+
 /* Seals the open batch and hands it to the committer: dead letters
- * acknowledged first, then (in the committer) one Postgres transaction
- * with the events, sums and positions. With `sync`, waits for the result.
- * On any failure the batch is abandoned. Returns 0 or -1. */
+ * acknowledged first, then (in the committer) the events, sums and
+ * positions into the window's transaction, committed now or with a later
+ * batch (consumer_window_closes()). With `sync`, the window is committed
+ * and waited for. On any failure the batch is abandoned. Returns 0 or
+ * -1. */
 static int consumer_commit_batch(consumer_t *c, bool sync)
 {
     committer_job_t *job = &c->job;
@@ -581,8 +736,11 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
 
     consumer_collect(c, true); /* the previous one first, in order */
     metric_add(c->m.commit_wait_ns, (uint64_t)(pipeline_mono_ns() - t0));
-    if (c->batch_msgs == 0)
+    if (c->batch_msgs == 0) {
+        if (sync)
+            consumer_settle(c, true);
         return 0;
+    }
     if (c->batch_dlq > 0 &&
         dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) == -1) {
         consumer_abandon_batch(c, err);
@@ -608,6 +766,8 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
         job->pos[n].epoch = p->epoch;
         n++;
     }
+    job->close = consumer_window_closes(c, sync);
+    job->max_buckets = c->conf->window_buckets;
     parts_clear_batch(&c->pl.parts);
     job->n = n;
     job->msgs = c->batch_msgs;
@@ -620,7 +780,7 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
     c->batch_dlq = 0;
     committer_submit(c->com, job);
     if (sync)
-        consumer_collect(c, true);
+        consumer_settle(c, true);
     return 0;
 }
 
@@ -640,7 +800,7 @@ static void consumer_refresh_enums(consumer_t *c)
 {
     char err[512];
     usage_enum_t tt, ops;
-    consumer_collect(c, true);
+    consumer_settle(c, true);
     if (!consumer_pg_ready(c))
         return;
     if (store_read_enums(c->conf->store, &tt, &ops, err, sizeof(err)) == -1) {
@@ -783,6 +943,9 @@ static void consumer_revoke(void *arg, rd_kafka_topic_partition_list_t *parts,
     rd_kafka_error_t *error;
 
     if (lost) {
+        /* An open window is committed (consumer_abandon_batch()): its
+         * fence holds the partitions' rows, so no other member has
+         * claimed them meanwhile. */
         consumer_collect(c, true);
         consumer_abandon_batch(c, "partitions lost");
     } else {
@@ -873,7 +1036,7 @@ static void consumer_ping(consumer_t *c)
     char err[512];
 
     if (now_ms() - c->pg_seen_ms < PING_MS || backoff_waiting(&c->pg) ||
-        c->batch_msgs > 0 || !consumer_collect(c, false))
+        c->batch_msgs > 0 || !consumer_collect(c, false) || c->win_batches > 0)
         return;
     if (store_ping(c->conf->store, err, sizeof(err)) == -1) {
         consumer_pg_failed(c, "postgres unavailable", err);
@@ -898,7 +1061,7 @@ static void consumer_prune(consumer_t *c)
      * one delete. Under steady traffic a batch is nearly always open,
      * so waiting for none would starve the pruning. */
     if (consumer_batch_due(c) || !consumer_collect(c, false) ||
-        !consumer_pg_ready(c))
+        c->win_batches > 0 || !consumer_pg_ready(c))
         return;
     c->last_prune_ms = t;
     if (store_prune_events(c->conf->store, c->conf->dedupe_days, 50000,
@@ -938,7 +1101,9 @@ static int consumer_prepare(void *arg)
 static void consumer_tick(void *arg)
 {
     consumer_t *c = arg;
-    consumer_collect(c, false);
+    if (consumer_collect(c, false) && c->win_batches > 0 &&
+        c->batch_msgs == 0)
+        consumer_window_end(c, true); /* nothing more came: commit */
     if (consumer_batch_due(c))
         consumer_commit_batch(c, false);
     consumer_progress(c);
@@ -998,9 +1163,9 @@ int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
     consumer_refresh_enums(&c);
 
     log_info("consuming %s as group %s (batches of %zu messages / %zu "
-             "bytes / %d ms; dead letters to %s)",
+             "bytes / %d ms, up to %zu per transaction; dead letters to %s)",
              conf->topic, conf->group, conf->batch_size, conf->batch_bytes,
-             conf->batch_ms, conf->dlq_topic);
+             conf->batch_ms, conf->commit_batches, conf->dlq_topic);
     rc = pipeline_run(&c.pl, errstr, errstr_size);
     consumer_collect(&c, true);
     committer_stop(c.com);

@@ -88,6 +88,9 @@ static const opt_def_t worker_opts[] = {
      NULL, "BYTES", "close a batch after this many bytes"},
     {"batch-ms", "TALLY_BATCH_MS", OPT_INT, "500", 1, 600000, NULL, "MS",
      "close a batch this long after its first message"},
+    {"commit-batches", "TALLY_COMMIT_BATCHES", OPT_INT, "5", 1, 48, NULL, "N",
+     "batches per Postgres transaction while a backlog lasts (their sums "
+     "upserted once); a batch closed by --batch-ms commits at once"},
     {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL, "DAYS",
      "dedupe window; older events are rejected"},
     {"max-message-bytes", "TALLY_MAX_MESSAGE_BYTES", OPT_INT, "1048576", 64,
@@ -214,6 +217,18 @@ static size_t usage_batch_size(const config_t *cfg)
     return (size_t)(size < MEMBER_BATCH_MIN ? MEMBER_BATCH_MIN : size);
 }
 
+/* The daily sums a transaction of several batches holds in memory
+ * (about 140 bytes each), shared by the members like the batch. */
+#define WINDOW_BUCKETS 50000
+#define MEMBER_WINDOW_BUCKETS_MIN 10000
+static size_t usage_window_buckets(const config_t *cfg)
+{
+    long long n = config_int(cfg, "consumers");
+    long long b = WINDOW_BUCKETS / (n < 1 ? 1 : n);
+    return (size_t)(b < MEMBER_WINDOW_BUCKETS_MIN ? MEMBER_WINDOW_BUCKETS_MIN
+                                                  : b);
+}
+
 static void *usage_thread(void *arg)
 {
     worker_pipe_t *pl = arg;
@@ -249,6 +264,8 @@ static void *usage_thread(void *arg)
     cc.batch_size = usage_batch_size(cfg);
     cc.batch_bytes = (size_t)config_int(cfg, "batch-bytes");
     cc.batch_ms = (int)config_int(cfg, "batch-ms");
+    cc.commit_batches = (size_t)config_int(cfg, "commit-batches");
+    cc.window_buckets = usage_window_buckets(cfg);
     cc.dedupe_days = (int)config_int(cfg, "dedupe-days");
     cc.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
     cc.prune_interval_s = (long)config_int(cfg, "prune-interval");
