@@ -2,7 +2,7 @@
 # End-to-end benchmark of tally worker on this machine, with tally
 # devbroker, Postgres and the worker side by side.
 #
-#   scripts/bench.sh [EVENTS] [PARTITIONS]   (default 1000000, 64)
+#   scripts/bench.sh [EVENTS] [PARTITIONS]   (default 500000, 64)
 #
 # Produces EVENTS events (3000 tenants with skewed popularity, a handful of
 # models and operations, 5% duplicates, 90% from the last two days and a
@@ -11,14 +11,23 @@
 # worker's peak RSS (VmHWM), and where the time went (the worker's own
 # counters, and CPU seconds of the worker, Postgres and the broker).
 # Finally it checks the sums against the generator's expectation.
-# The mock broker keeps only 5 MiB per partition, and keying by tenant
-# makes partitions as skewed as the tenants: the backlog is spread over
-# the partitions at random instead (duplicates then cross partitions,
-# which the dedupe store handles), and the script fails if the broker
-# dropped anything.
+# Messages are keyed by tenant_id, as the services' client
+# (scripts/tally_client.py) and `tally produce` send them, so a tenant's
+# events share a partition and members of a group hold disjoint tenants.
+# The mock broker keeps only 5 MiB per partition and keying makes the
+# partitions as skewed as the tenants (the busiest holds 8% of the
+# events): 500,000 events fit in 64 partitions, and the script fails if
+# the broker dropped anything. BENCH_PARTITIONER=random spreads the
+# backlog at random instead (duplicates then cross partitions, which the
+# dedupe store handles; the members' sums rows overlap).
+# BENCH_WORKER_ARGS adds worker flags (e.g. "--consumers 2"); BENCH_PEER=0
+# skips the Python peer. BENCH_INVALIDATIONS=N also produces N exact
+# cache invalidations (over the same tenants) as a backlog, so that both
+# of the worker's pipelines drain one at once: the peak RSS is then both
+# pipelines' (the run waits for all N to be consumed too).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-events=${1:-1000000}
+events=${1:-500000}
 partitions=${2:-64}
 batch_args=${BENCH_WORKER_ARGS:-}
 
@@ -144,11 +153,26 @@ echo "   $lines lines, $(du -m "$dir/events.jsonl" | cut -f1) MiB," \
 
 echo "== producing the backlog to $partitions partitions"
 t0=$(date +%s.%N)
-"$TALLY" produce --file "$dir/events.jsonl" -X partitioner=random \
+produce_args=()
+[ -n "${BENCH_PARTITIONER:-}" ] &&
+  produce_args=(-X "partitioner=$BENCH_PARTITIONER")
+"$TALLY" produce --file "$dir/events.jsonl" "${produce_args[@]}" \
   2>"$dir/produce.log"
 t1=$(date +%s.%N)
 /usr/bin/python3 "$here/scripts/low_watermarks.py" "$TALLY_BROKERS" token-usage
 echo "   $(echo "scale=0; $lines / ($t1 - $t0)" | bc) lines/s"
+
+invalidations=${BENCH_INVALIDATIONS:-0}
+if [ "$invalidations" -gt 0 ]; then
+  echo "== producing $invalidations cache invalidations as a backlog too"
+  awk -v n="$invalidations" 'BEGIN { for (i = 0; i < n; i++)
+      printf "{\"tenant_id\":\"tenant-%d\",\"data_type\":\"agent\",\"resource_id\":\"a%d\"}\n",
+        i % 3000, i }' >"$dir/invalidations.jsonl"
+  "$TALLY" produce --topic cache-invalidation \
+    --file "$dir/invalidations.jsonl" 2>>"$dir/produce.log"
+  /usr/bin/python3 "$here/scripts/low_watermarks.py" "$TALLY_BROKERS" \
+    cache-invalidation
+fi
 
 port=$(stack_free_port)
 broker_pid=$(cat "$dir/broker/pid")
@@ -163,11 +187,19 @@ rss_peak=0
 while :; do
   got=$($PSQL -At -c "SELECT coalesce(sum(next_offset), 0)
                       FROM tally.consumer_offsets" 2>/dev/null || echo 0)
-  [ "$got" = "$lines" ] && break
+  if [ "$got" = "$lines" ]; then
+    [ "$invalidations" -eq 0 ] && break
+    inv=$(curl -s "127.0.0.1:$port/metrics" |
+      awk '$1 == "tally_invalidation_messages_total" { print $2 }')
+    [ "${inv:-0}" -ge "$invalidations" ] && break
+  fi
   kill -0 "$wpid" 2>/dev/null || { tail "$dir/worker.log"; exit 1; }
   sleep 0.5
 done
 rss_peak=$(awk '/VmHWM/ { print $2 }' "/proc/$wpid/status")
+# The last COMMIT is in Postgres; the worker counts it in its metrics
+# right after it learns of it.
+sleep 1
 curl -s "127.0.0.1:$port/metrics" >"$dir/metrics"
 worker_cpu=$(stack_cpu_s "$wpid")
 pg_cpu=$(echo "$(pg_cpu_s) - $pg_cpu0" | bc)
@@ -200,7 +232,7 @@ cat <<OUT
    messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates)
    first msg -> last commit  ${secs} s
    throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
-   worker peak RSS     $((rss_peak / 1024)) MiB
+   worker peak RSS     $((rss_peak / 1024)) MiB$([ "$invalidations" -gt 0 ] && echo " (with $invalidations cache invalidations drained at the same time: $(metric tally_invalidation_messages_total) consumed)")
    batches             $(metric tally_usage_batches_total)
    worker time: parse $(echo "scale=1; $(metric tally_usage_parse_seconds_total) / 1" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_seconds_total) / 1" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_seconds_total) / 1" | bc) s
    postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_total) / 1" | bc) s in the committer thread

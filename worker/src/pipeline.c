@@ -347,6 +347,7 @@ static void pipeline_rebalance(void *arg, rd_kafka_t *rk,
                                                          : "revoked",
              parts->cnt, lost ? " (lost)" : "");
     pl->synced = true; /* the group has settled at least once */
+    pl->leaders_stale = true;
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
         pl->ops->assign(pl->arg, parts);
     else
@@ -368,17 +369,100 @@ static void pipeline_recommit(pipeline_t *pl)
     for (int32_t i = 0; i < pl->parts.n; i++) {
         const part_t *p = &pl->parts.parts[i];
         if (p->state == PART_ACTIVE && p->committed >= 0)
-            rd_kafka_topic_partition_list_add(l, pl->parts.topic, i)
-                ->offset = p->committed;
+            rd_kafka_topic_partition_list_add(l, pl->parts.topic, i)->offset =
+                p->committed;
     }
     log_info("%s: a Kafka offset commit failed; committing %d positions "
              "again",
              pl->name, l->cnt);
-    err = l->cnt > 0 ? rd_kafka_commit(pl->rk, l, 1)
-                     : RD_KAFKA_RESP_ERR_NO_ERROR;
+    err =
+        l->cnt > 0 ? rd_kafka_commit(pl->rk, l, 1) : RD_KAFKA_RESP_ERR_NO_ERROR;
     if (err)
         log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
     rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* One active partition per broker leading any of ours, from the
+ * cluster's metadata (a round trip; again after each rebalance). */
+static void pipeline_find_leaders(pipeline_t *pl)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(pl->rk, pl->parts.topic, NULL);
+    int32_t *leaders;
+
+    pl->n_nudge = 0;
+    pl->leaders_stale = false;
+    if (!rkt)
+        return;
+    if (rd_kafka_metadata(pl->rk, 0, rkt, &md, 2000) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR ||
+        md->topic_cnt != 1) {
+        pl->leaders_stale = true; /* try again at the next nudge */
+        goto out;
+    }
+    free(pl->nudge_parts);
+    pl->nudge_parts = calloc((size_t)md->topics[0].partition_cnt + 1,
+                             sizeof(*pl->nudge_parts));
+    leaders = calloc((size_t)md->topics[0].partition_cnt + 1, sizeof(*leaders));
+    if (!pl->nudge_parts || !leaders)
+        abort();
+    for (int i = 0; i < md->topics[0].partition_cnt; i++) {
+        const rd_kafka_metadata_partition_t *mp = &md->topics[0].partitions[i];
+        bool seen = false;
+        if (mp->id >= pl->parts.n ||
+            pl->parts.parts[mp->id].state != PART_ACTIVE)
+            continue;
+        for (int k = 0; k < pl->n_nudge && !seen; k++)
+            seen = leaders[k] == mp->leader;
+        if (seen)
+            continue;
+        leaders[pl->n_nudge] = mp->leader;
+        pl->nudge_parts[pl->n_nudge++] = mp->id;
+    }
+    free(leaders);
+out:
+    if (md)
+        rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+}
+
+/* librdkafka 2.0.2 stops fetching a partition while the pre-fetch queue
+ * is full and decides again only when the thread of the partition's
+ * broker wakes up, at the latest a second later (2.1 added
+ * fetch.queue.backoff.ms for this): a consumer that drains the queue
+ * sooner waits for the rest of that second, so throughput stopped at
+ * about one queue a second. Once the queue has drained to a quarter of
+ * its fullest since the last nudge (and held 1,000 messages or more:
+ * not while the consumer keeps up with the topic), a ListOffsets request
+ * (rd_kafka_query_watermark_offsets()) goes to each broker leading one
+ * of our partitions: any request wakes its thread, which fetches again
+ * at once. */
+#define NUDGE_MIN_PEAK 1000
+static void pipeline_nudge(pipeline_t *pl)
+{
+    size_t len;
+
+    if (!pl->consumer_q &&
+        !(pl->consumer_q = rd_kafka_queue_get_consumer(pl->rk)))
+        return;
+    len = rd_kafka_queue_length(pl->consumer_q);
+    if (len > pl->q_peak)
+        pl->q_peak = len;
+    if (pl->q_peak < NUDGE_MIN_PEAK || len * 4 > pl->q_peak)
+        return;
+    pl->q_peak = len;
+    if (pl->leaders_stale)
+        pipeline_find_leaders(pl);
+    for (int k = 0; k < pl->n_nudge; k++) {
+        int64_t lo, hi;
+        int32_t p = pl->nudge_parts[k];
+        if (p >= pl->parts.n || pl->parts.parts[p].state != PART_ACTIVE)
+            continue;
+        rd_kafka_query_watermark_offsets(pl->rk, pl->parts.topic, p, &lo, &hi,
+                                         100);
+        if (pl->nudges)
+            metric_add(pl->nudges, 1);
+    }
 }
 
 int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
@@ -412,8 +496,14 @@ int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
         if (!pl->fatal) {
             pl->ops->tick(pl->arg);
             pipeline_recommit(pl);
+            pipeline_nudge(pl);
         }
     }
+    if (pl->consumer_q)
+        rd_kafka_queue_destroy(pl->consumer_q);
+    pl->consumer_q = NULL;
+    free(pl->nudge_parts);
+    pl->nudge_parts = NULL;
     log_info("%s: stopping: %s the open batch and leaving the group", pl->name,
              pl->fatal ? "abandoning" : "committing");
     pl->ops->finish(pl->arg, pl->fatal);

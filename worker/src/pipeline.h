@@ -74,8 +74,8 @@ typedef struct {
     bool in_window;
     int64_t window_next;
     int64_t alone_until;
-    bool dirty;         /* state changed since librdkafka was told */
-    metric_t *lag;      /* the lag series of this partition */
+    bool dirty;    /* state changed since librdkafka was told */
+    metric_t *lag; /* the lag series of this partition */
 } part_t;
 
 typedef struct {
@@ -178,6 +178,13 @@ typedef struct {
     bool synced;       /* a rebalance came: the group has settled once */
     bool fatal;
     char fatal_error[512];
+    /* Fetch nudges (pipeline.c, pipeline_nudge()). */
+    rd_kafka_queue_t *consumer_q;
+    size_t q_peak;        /* messages queued at most since the last nudge */
+    int32_t *nudge_parts; /* one active partition per leader broker */
+    int n_nudge;
+    bool leaders_stale; /* the assignment changed: look them up again */
+    metric_t *nudges;   /* NULL, or counts the nudges */
 } pipeline_t;
 
 /* Sets up `pl` for `topic` on `kc` (created, not subscribed; the run

@@ -82,13 +82,13 @@ static const opt_def_t worker_opts[] = {
     {"start-from", "TALLY_START_FROM", OPT_CHOICE, "earliest", 0, 0,
      "earliest|latest", "WHERE",
      "where a partition with no stored position starts"},
-    {"batch-size", "TALLY_BATCH_SIZE", OPT_INT, "10000", 1, 1000000, NULL, "N",
+    {"batch-size", "TALLY_BATCH_SIZE", OPT_INT, "5000", 1, 1000000, NULL, "N",
      "close a batch after this many messages"},
     {"batch-bytes", "TALLY_BATCH_BYTES", OPT_INT, "8388608", 1024, 1073741824,
      NULL, "BYTES", "close a batch after this many bytes"},
     {"batch-ms", "TALLY_BATCH_MS", OPT_INT, "500", 1, 600000, NULL, "MS",
      "close a batch this long after its first message"},
-    {"commit-batches", "TALLY_COMMIT_BATCHES", OPT_INT, "5", 1, 48, NULL, "N",
+    {"commit-batches", "TALLY_COMMIT_BATCHES", OPT_INT, "10", 1, 48, NULL, "N",
      "batches per Postgres transaction while a backlog lasts (their sums "
      "upserted once); a batch closed by --batch-ms commits at once"},
     {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL, "DAYS",
@@ -207,6 +207,10 @@ static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
  * stays where one member's is. */
 #define MEMBER_BATCH_MIN 1000
 #define MEMBER_QUEUE_MIN_KB 1024
+/* The cache-invalidation consumer's pre-fetch queue when the token-usage
+ * pipeline runs in the same process (alone it has 16 MiB): both drained
+ * at once must stay within the process's 64 MiB. -X sets both. */
+#define INVALIDATION_SHARED_QUEUE_KB "2048"
 static size_t usage_batch_size(const config_t *cfg)
 {
     long long n = config_int(cfg, "consumers");
@@ -376,8 +380,15 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
     usage_defaults[u] = NULL;
     /* Without a committed offset the invalidations start as --start-from
      * says (token-usage positions come from Postgres). */
-    for (size_t i = 0; invalidation_consumer_kafka_defaults[i]; i++)
+    for (size_t i = 0; invalidation_consumer_kafka_defaults[i]; i += 2) {
         inv_defaults[k++] = invalidation_consumer_kafka_defaults[i];
+        /* Next to the token-usage pipeline, a share of the budget. */
+        inv_defaults[k++] =
+            usage[0] && !strcmp(invalidation_consumer_kafka_defaults[i],
+                                "queued.max.messages.kbytes")
+                ? INVALIDATION_SHARED_QUEUE_KB
+                : invalidation_consumer_kafka_defaults[i + 1];
+    }
     inv_defaults[k++] = "auto.offset.reset";
     inv_defaults[k++] = config_str(cfg, "start-from");
     inv_defaults[k] = NULL;
