@@ -54,10 +54,6 @@ static void invalidator_metrics_init(invalidator_t *iv)
     iv->redis_up = metrics_gauge("tally_redis_up", NULL,
                                  "1 when the Redis connection works");
     iv->ready = metrics_readiness("cache-invalidation");
-    iv->pl.nudges = metrics_counter(
-        "tally_invalidation_fetch_nudges_total", NULL,
-        "requests sent to wake librdkafka's fetcher after the pre-fetch "
-        "queue filled up and drained (librdkafka 2.0.2 would wait up to 1 s)");
     iv->pl.rebalances =
         metrics_counter("tally_invalidation_rebalances_total", NULL,
                         "rebalance callbacks (assignments and revocations) of "

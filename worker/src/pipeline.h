@@ -178,7 +178,8 @@ typedef struct {
     bool synced;       /* a rebalance came: the group has settled once */
     bool fatal;
     char fatal_error[512];
-    /* Fetch nudges (pipeline.c, pipeline_nudge()). */
+    /* Fetch nudges (pipeline.c, pipeline_nudge()), when `nudge`. */
+    bool nudge;
     rd_kafka_queue_t *consumer_q;
     size_t q_peak;        /* messages queued at most since the last nudge */
     int32_t *nudge_parts; /* one active partition per leader broker */

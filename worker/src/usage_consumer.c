@@ -137,6 +137,7 @@ static void consumer_metrics_init(consumer_t *c)
     m->parse_ns =
         metrics_counter_scaled("tally_usage_parse_seconds_total", NULL,
                                "time spent parsing and validating messages", 9);
+    c->pl.nudge = true;
     c->pl.nudges = metrics_counter(
         "tally_usage_fetch_nudges_total", NULL,
         "requests sent to wake librdkafka's fetcher after the pre-fetch "
