@@ -615,6 +615,11 @@ static void consumer_job_failed(consumer_t *c, const committer_job_t *job)
 
     if (job->status == STORE_SPLIT || strcmp(job->sqlstate, "40P01") == 0)
         consumer_window_failed(c, job);
+    if (strcmp(job->sqlstate, "40P01") == 0)
+        log_warn("the transaction deadlocked with another writer of the "
+                 "same keys (an idempotency key on partitions of two "
+                 "members): its messages are committed again a batch at "
+                 "a time");
     consumer_window_reset(c);
     if (job->status == STORE_FENCED) {
         consumer_fenced(c, job);
