@@ -95,21 +95,31 @@ it_worker_pid() {
   cat "$IT_DIR/$1.pid"
 }
 
-# Stops a worker with SIGTERM and asserts it exits 0 within 60 s.
-it_worker_stop() {
+# Waits up to 60 s for worker NAME to exit, reaps it and sets IT_RC to
+# its exit status (not in a subshell: `wait` needs the worker's parent);
+# fails with WHY if it is still running: it_worker_reap NAME WHY
+it_worker_reap() {
   local name=$1 pid rc=0
   pid=$(it_worker_pid "$name")
-  kill -TERM "$pid" 2>/dev/null || fail "worker $name is not running"
   for _ in $(seq 1 600); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  kill -0 "$pid" 2>/dev/null && fail "worker $name did not stop on SIGTERM"
+  kill -0 "$pid" 2>/dev/null && fail "worker $name $2"
   wait "$pid" || rc=$?
   # Reaped: its pid may be reused (pid_max is 32768 and the tests start
   # thousands of processes), so it_cleanup must not signal it any more.
   rm -f "$IT_DIR/$name.pid"
-  [ "$rc" -eq 0 ] || fail "worker $name exited $rc after SIGTERM"
+  IT_RC=$rc
+}
+
+# Stops a worker with SIGTERM and asserts it exits 0 within 60 s.
+it_worker_stop() {
+  local name=$1
+  kill -TERM "$(it_worker_pid "$name")" 2>/dev/null ||
+    fail "worker $name is not running"
+  it_worker_reap "$name" "did not stop on SIGTERM"
+  [ "$IT_RC" -eq 0 ] || fail "worker $name exited $IT_RC after SIGTERM"
 }
 
 it_worker_kill9() {
@@ -124,18 +134,12 @@ it_worker_kill9() {
 # worker/src/fault.h) and waits until the fault killed it with SIGKILL:
 # it_crash_at NAME FAULT [worker args...]
 it_crash_at() {
-  local name=$1 fault=$2 pid rc=0
+  local name=$1 fault=$2
   shift 2
   TALLY_TEST_FAULT=$fault it_worker_start "$name" "$@"
-  pid=$(it_worker_pid "$name")
-  for _ in $(seq 1 600); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -0 "$pid" 2>/dev/null && fail "$name was not killed at $fault"
-  wait "$pid" || rc=$?
-  rm -f "$IT_DIR/$name.pid" # reaped: see it_worker_stop
-  [ "$rc" -eq 137 ] || fail "$name exited $rc at $fault, expected 137 (SIGKILL)"
+  it_worker_reap "$name" "was not killed at $fault"
+  [ "$IT_RC" -eq 137 ] ||
+    fail "$name exited $IT_RC at $fault, expected 137 (SIGKILL)"
   grep -q "TALLY_TEST_FAULT: killing the process at ${fault%%:*}" \
     "$IT_DIR/$name.log" || fail "$name did not die at $fault"
 }

@@ -445,7 +445,9 @@ static void pipeline_nudge(pipeline_t *pl)
 {
     size_t len;
 
-    if (!pl->nudge)
+    /* The queue's length takes its lock: looked at every 64th poll,
+     * not on every message. */
+    if (!pl->nudge || (++pl->nudge_polls & 63) != 0)
         return;
     if (!pl->consumer_q &&
         !(pl->consumer_q = rd_kafka_queue_get_consumer(pl->rk)))

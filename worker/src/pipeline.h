@@ -180,6 +180,7 @@ typedef struct {
     char fatal_error[512];
     /* Fetch nudges (pipeline.c, pipeline_nudge()), when `nudge`. */
     bool nudge;
+    unsigned nudge_polls;
     rd_kafka_queue_t *consumer_q;
     size_t q_peak;        /* messages queued at most since the last nudge */
     int32_t *nudge_parts; /* one active partition per leader broker */
