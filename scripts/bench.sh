@@ -63,6 +63,12 @@ pg_cpu_s() {
              xargs -r cat 2>/dev/null | awk '{ s += $14 + $15 } END { print s + 0 }')))
   echo "scale=1; $t / $(getconf CLK_TCK)" | bc
 }
+# CPU time the hypervisor gave to others while we wanted it (the steal
+# column of /proc/stat, all CPUs): on a shared virtual machine, a run
+# with seconds of it measured a slower machine.
+steal_s() {
+  awk -v hz="$(getconf CLK_TCK)" '$1 == "cpu" { printf "%.1f", $9 / hz }' /proc/stat
+}
 # When the last batch of SCHEMA's consumer committed (its offsets row's
 # commit timestamp), as RFC 3339.
 last_commit() {
@@ -178,6 +184,7 @@ port=$(stack_free_port)
 broker_pid=$(cat "$dir/broker/pid")
 pg_cpu0=$(pg_cpu_s)
 broker_cpu0=$(stack_cpu_s "$broker_pid")
+steal0=$(steal_s)
 echo "== consuming with one worker $batch_args"
 # shellcheck disable=SC2086
 "$TALLY" worker --metrics-addr "127.0.0.1:$port" $batch_args \
@@ -204,6 +211,7 @@ curl -s "127.0.0.1:$port/metrics" >"$dir/metrics"
 worker_cpu=$(stack_cpu_s "$wpid")
 pg_cpu=$(echo "$(pg_cpu_s) - $pg_cpu0" | bc)
 broker_cpu=$(echo "$(stack_cpu_s "$broker_pid") - $broker_cpu0" | bc)
+steal=$(echo "$(steal_s) - $steal0" | bc)
 kill -TERM "$wpid"
 wait "$wpid" || true
 wpid=""
@@ -227,16 +235,27 @@ else
   exact="exact"
 fi
 
+# A group that rebalanced after its first assignment (a member without
+# partitions for a while: the mock's coordinator makes a rebalance wait
+# for session.timeout.ms, 45 s) measured that wait, not the pipeline.
+members=$(grep -c 'consuming token-usage as group' "$dir/worker.log" || true)
+assigns=$(grep -c 'rebalance (token-usage): assigned' "$dir/worker.log" || true)
+if [ "$assigns" != "$members" ]; then
+  echo "!! the group rebalanced during the run ($assigns assignments for" \
+       "$members members): this figure includes the wait, see $dir/worker.log" >&2
+fi
+
 cat <<OUT
 == result ($(nproc) cores, $(uname -m), librdkafka $(dpkg-query -W -f='${Version}' librdkafka-dev))
    messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates)
    first msg -> last commit  ${secs} s
    throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
    worker peak RSS     $((rss_peak / 1024)) MiB$([ "$invalidations" -gt 0 ] && echo " (with $invalidations cache invalidations drained at the same time: $(metric tally_invalidation_messages_total) consumed)")
-   batches             $(metric tally_usage_batches_total)
+   batches             $(metric tally_usage_batches_total) in $(metric tally_usage_transactions_total) transactions
+   rebalances          $(metric tally_usage_rebalances_total) (one assignment a member is the start; more means the group rebalanced during the run)
    worker time: parse $(echo "scale=1; $(metric tally_usage_parse_seconds_total) / 1" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_seconds_total) / 1" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_seconds_total) / 1" | bc) s
    postgres commits    $(echo "scale=1; $(metric tally_usage_commit_seconds_total) / 1" | bc) s in the committer thread
-   CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu
+   CPU seconds         worker $worker_cpu, postgres $pg_cpu, broker $broker_cpu (steal $steal s)
    sums                $exact (daily against the generator, monthly against the daily)
 OUT
 bench_peer

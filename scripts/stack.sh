@@ -8,6 +8,9 @@
 #
 # DIR/env exports TALLY_BROKERS, TALLY_PG_DSN, TALLY_REDIS_URL, PSQL.
 # TALLY (path of the tally binary) must be set or found in build/.
+# STACK_BROKER_ARGS adds devbroker flags (e.g. "-X debug=mock --log-level
+# debug": the mock
+# cluster's group coordinator in DIR/broker/log).
 
 stack_free_port() {
   local port
@@ -106,7 +109,7 @@ stack_start_broker() {
   rm -f "$dir/broker/bootstrap"
   "$TALLY" devbroker --partitions "$partitions" \
     --bootstrap-file "$dir/broker/bootstrap" \
-    --control "$dir/broker/control" \
+    --control "$dir/broker/control" ${STACK_BROKER_ARGS:-} \
     >"$dir/broker/out" 2>"$dir/broker/log" &
   echo $! > "$dir/broker/pid"
   for _ in $(seq 1 100); do
