@@ -242,7 +242,8 @@ members=$(grep -c 'consuming token-usage as group' "$dir/worker.log" || true)
 assigns=$(grep -c 'rebalance (token-usage): assigned' "$dir/worker.log" || true)
 if [ "$assigns" != "$members" ]; then
   echo "!! the group rebalanced during the run ($assigns assignments for" \
-       "$members members): this figure includes the wait, see $dir/worker.log" >&2
+       "$members members): this figure includes the wait (BENCH_KEEP=1 keeps" \
+       "the worker's log)" >&2
 fi
 
 cat <<OUT

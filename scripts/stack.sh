@@ -9,8 +9,7 @@
 # DIR/env exports TALLY_BROKERS, TALLY_PG_DSN, TALLY_REDIS_URL, PSQL.
 # TALLY (path of the tally binary) must be set or found in build/.
 # STACK_BROKER_ARGS adds devbroker flags (e.g. "-X debug=mock --log-level
-# debug": the mock
-# cluster's group coordinator in DIR/broker/log).
+# debug": the mock cluster's group coordinator in DIR/broker/log).
 
 stack_free_port() {
   local port
