@@ -7,7 +7,9 @@
 #  c. every broker down for 20 s, then errors injected on Fetch,
 #     Heartbeat and OffsetCommit: the worker waits and goes on;
 #  d. the dead-letter topic failing: the bad message's partition does not
-#     advance past it until its dead letter is acknowledged.
+#     advance past it until its dead letter is acknowledged;
+#  e. offset commits refused as REBALANCE_IN_PROGRESS: Kafka commits are
+#     held, not sent again on every poll, and catch up afterwards.
 # Each phase ends on exact sums.
 #
 # usage: test_fault_broker.sh TALLY TALLY_GEN
@@ -162,7 +164,60 @@ got=$(it_sql "SELECT sum(tokens) FROM tally.token_usage_daily
               WHERE tenant_id = 't-dlq'")
 [ "$got" = 210 ] || fail "t-dlq counted $got tokens, expected 210"
 it_assert_alive w3 "after the dead-letter topic recovered"
+
+step "e. offset commits refused as REBALANCE_IN_PROGRESS"
+# librdkafka 2.0.2 (cooperative-sticky) rejoins the group after such a
+# refusal, and a member that commits again at once keeps the group
+# rebalancing (librdkafka #4059): the worker holds its Kafka commits
+# after one (kafka_consumer_commit()), so the three refusals below take
+# two holds of 10 s, where commits sent again on every poll used them up
+# within a second. Counting goes on meanwhile (positions are in
+# Postgres), and Kafka's offsets catch up afterwards.
+gen e 5000 57
+retries0=$(grep -c 'a Kafka offset commit failed' "$IT_DIR/w3.log" || true)
+broker errors OffsetCommit 3 REBALANCE_IN_PROGRESS
+t0=$(date +%s)
+it_produce "$IT_DIR/e.jsonl"
+it_wait_consumed $((45000 + 21 + 5000)) 120
+kafka_sum() {
+  "$IT_PYTHON" - "$TALLY_BROKERS" <<'EOF'
+import sys
+from confluent_kafka import Consumer, TopicPartition
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": "tally",
+              "enable.auto.commit": False})
+t = "token-usage"
+parts = sorted(c.list_topics(t, timeout=10).topics[t].partitions)
+print(sum(max(tp.offset, 0)
+          for tp in c.committed([TopicPartition(t, p) for p in parts],
+                                timeout=10)))
+c.close()
+EOF
+}
+want=$(it_committed)
+for _ in $(seq 1 60); do
+  [ "$(kafka_sum)" = "$want" ] && break
+  sleep 1
+done
+got=$(kafka_sum)
+[ "$got" = "$want" ] ||
+  fail "Kafka's committed offsets add up to $got, Postgres's to $want"
+took=$(($(date +%s) - t0))
+retries=$(($(grep -c 'a Kafka offset commit failed' "$IT_DIR/w3.log") - retries0))
+echo "    Kafka's offsets caught up with Postgres after ${took} s;" \
+  "$retries commits sent again"
+[ "$took" -ge 15 ] ||
+  fail "three refused commits were used up in ${took} s: commits were" \
+    "not held after REBALANCE_IN_PROGRESS"
+[ "$retries" -le 8 ] ||
+  fail "$retries commits sent again: at most one a second (and none while" \
+    "held) was expected"
+it_merge_expect "$IT_DIR/abce.expect" "$IT_DIR/abc.expect" "$IT_DIR/e.expect"
+it_daily_tsv | grep -v '^t-dlq	' >"$IT_DIR/daily-e.tsv"
+LC_ALL=C sort "$IT_DIR/abce.expect" | diff - "$IT_DIR/daily-e.tsv" >&2 ||
+  fail "daily sums (but t-dlq's, checked in d) differ from what was produced"
+it_assert_alive w3 "after the refused commits"
 it_worker_stop w3
 echo "PASS: partitions lost mid-batch, Kafka offsets ahead, 20 s without" \
-  "brokers, Fetch/Heartbeat/OffsetCommit errors and a failing dead-letter" \
-  "topic: exact sums over 45,021 messages"
+  "brokers, Fetch/Heartbeat/OffsetCommit errors, a failing dead-letter" \
+  "topic and commits refused as REBALANCE_IN_PROGRESS: exact sums over" \
+  "50,021 messages"

@@ -240,7 +240,7 @@ static int invalidator_apply(invalidator_t *iv, bool sync)
         dead_letter_forget(iv->conf->dlq, l->elems[i].partition,
                            l->elems[i].offset);
     }
-    kerr = l->cnt > 0 ? rd_kafka_commit(iv->pl.rk, l, sync ? 0 : 1)
+    kerr = l->cnt > 0 ? kafka_consumer_commit(iv->pl.kc, l, sync)
                       : RD_KAFKA_RESP_ERR_NO_ERROR;
     if (kerr && kerr != RD_KAFKA_RESP_ERR__NO_OFFSET)
         log_warn("cache-invalidation: offset commit: %s (the batch may be "

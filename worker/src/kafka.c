@@ -20,7 +20,13 @@ struct kafka_consumer {
     bool synced;
     bool subscribed;
     bool commit_failed; /* an offset commit failed since last asked */
+    int64_t failed_ms;  /* when it failed (monotonic ms) */
+    /* Offset commits held until then (monotonic ms, 0: not held): see
+     * kafka_consumer_commit(). */
+    int64_t hold_until_ms;
 };
+
+static int64_t kafka_now_ms(void);
 
 /* ---------------------------------------------------------------- */
 /* -X properties tally cannot allow                                   */
@@ -125,6 +131,9 @@ static void kafka_rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     rd_kafka_error_t *error = NULL;
 
     kc->synced = true;
+    /* The rebalance has reached us: commits may go again (those of a
+     * revocation, from the callback, are the ones Kafka expects). */
+    kc->hold_until_ms = 0;
     switch (err) {
     case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
     case RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS:
@@ -179,17 +188,64 @@ static void kafka_offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     kafka_consumer_t *kc = opaque;
     (void)rk;
     (void)offsets;
+    kafka_consumer_commit_result(kc, err);
+}
+
+/* An offset commit was refused because the group is rebalancing (or has
+ * moved on to a generation we have not joined yet). */
+static bool kafka_err_rebalancing(rd_kafka_resp_err_t err)
+{
+    return err == RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS ||
+           err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION ||
+           err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID;
+}
+
+void kafka_consumer_commit_result(kafka_consumer_t *kc,
+                                  rd_kafka_resp_err_t err)
+{
     if (!err || err == RD_KAFKA_RESP_ERR__NO_OFFSET)
         return;
     log_debug("kafka offset commit failed: %s", rd_kafka_err2str(err));
+    if (!kc->commit_failed)
+        kc->failed_ms = kafka_now_ms();
     kc->commit_failed = true;
+    if (kafka_err_rebalancing(err) && kc->hold_until_ms == 0)
+        kc->hold_until_ms = kafka_now_ms() + KAFKA_COMMIT_HOLD_MS;
+}
+
+rd_kafka_resp_err_t
+kafka_consumer_commit(kafka_consumer_t *kc,
+                      const rd_kafka_topic_partition_list_t *offsets,
+                      bool sync)
+{
+    rd_kafka_resp_err_t err;
+
+    if (kc->hold_until_ms != 0 && kafka_now_ms() < kc->hold_until_ms) {
+        /* Sent again (pipeline_recommit()) once the hold is over. */
+        if (!kc->commit_failed)
+            kc->failed_ms = kafka_now_ms();
+        kc->commit_failed = true;
+        return RD_KAFKA_RESP_ERR_NO_ERROR;
+    }
+    kc->hold_until_ms = 0;
+    err = rd_kafka_commit(kc->rk, offsets, sync ? 0 : 1);
+    if (sync)
+        kafka_consumer_commit_result(kc, err);
+    return err;
 }
 
 bool kafka_consumer_commit_failed(kafka_consumer_t *kc)
 {
-    bool failed = kc->commit_failed;
+    int64_t now;
+
+    if (!kc->commit_failed)
+        return false;
+    now = kafka_now_ms();
+    if ((kc->hold_until_ms != 0 && now < kc->hold_until_ms) ||
+        now - kc->failed_ms < KAFKA_RECOMMIT_MS)
+        return false;
     kc->commit_failed = false;
-    return failed;
+    return true;
 }
 
 kafka_consumer_t *kafka_consumer_new(const config_t *cfg,

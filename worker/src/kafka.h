@@ -45,8 +45,34 @@ kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
                                      const char *const *defaults,
                                      char *errstr, size_t errstr_size);
 
-/* True when an offset commit failed since the last call (reported by
- * the consumer's poll; this clears it). */
+/* Commits `offsets` to the consumer's group (asynchronously unless
+ * `sync`), for lag tools: tally's positions live in Postgres. librdkafka
+ * 2.0.2 with cooperative-sticky makes a member whose commit arrives
+ * while the group rebalances rejoin, which starts another rebalance
+ * (librdkafka issue #4059, fixed after 2.0.2): commits sent again at
+ * once after each failure kept a group rebalancing, a member without
+ * partitions for minutes. So after a commit is refused because the group
+ * rebalances (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION,
+ * UNKNOWN_MEMBER_ID), commits are held (not sent, and counted as failed
+ * so that kafka_consumer_commit_failed() brings them back) until a
+ * rebalance callback reaches this consumer or KAFKA_COMMIT_HOLD_MS has
+ * passed. Returns rd_kafka_commit()'s result, or NO_ERROR when held. */
+#define KAFKA_COMMIT_HOLD_MS 10000
+rd_kafka_resp_err_t
+kafka_consumer_commit(kafka_consumer_t *kc,
+                      const rd_kafka_topic_partition_list_t *offsets,
+                      bool sync);
+
+/* The outcome of an offset commit (the consumer's commit callback, and
+ * kafka_consumer_commit() for synchronous ones). */
+void kafka_consumer_commit_result(kafka_consumer_t *kc,
+                                  rd_kafka_resp_err_t err);
+
+/* True when an offset commit failed (or was held) since the last call
+ * and the positions should be committed again now: not while commits
+ * are held, and not sooner than KAFKA_RECOMMIT_MS after the failure (a
+ * failing coordinator is not asked again on every poll). Clears it. */
+#define KAFKA_RECOMMIT_MS 1000
 bool kafka_consumer_commit_failed(kafka_consumer_t *kc);
 
 /* The librdkafka handle, for polling, pausing, seeking and committing. */

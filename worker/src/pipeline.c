@@ -376,7 +376,8 @@ static void pipeline_recommit(pipeline_t *pl)
              "again",
              pl->name, l->cnt);
     err =
-        l->cnt > 0 ? rd_kafka_commit(pl->rk, l, 1) : RD_KAFKA_RESP_ERR_NO_ERROR;
+        l->cnt > 0 ? kafka_consumer_commit(pl->kc, l, false)
+                   : RD_KAFKA_RESP_ERR_NO_ERROR;
     if (err)
         log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
     rd_kafka_topic_partition_list_destroy(l);

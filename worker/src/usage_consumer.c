@@ -574,7 +574,7 @@ static void consumer_committed(consumer_t *c)
     }
     /* Postgres is the source of truth; this is for lag tools only. */
     if (l->cnt > 0) {
-        err = rd_kafka_commit(c->pl.rk, l, 1);
+        err = kafka_consumer_commit(c->pl.kc, l, false);
         if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
             log_debug("kafka offset commit: %s", rd_kafka_err2str(err));
     }
