@@ -20,6 +20,8 @@
 # the broker dropped anything. BENCH_PARTITIONER=random spreads the
 # backlog at random instead (duplicates then cross partitions, which the
 # dedupe store handles; the members' sums rows overlap).
+# BENCH_PG_OPTS adds Postgres settings ("-c name=value ...", e.g. "-c
+# wal_init_zero=on" for a new cluster's default).
 # BENCH_WORKER_ARGS adds worker flags (e.g. "--consumers 2"); BENCH_PEER=0
 # skips the Python peer. BENCH_INVALIDATIONS=N also produces N exact
 # cache invalidations (over the same tenants) as a backlog, so that both
@@ -47,7 +49,7 @@ cleanup() {
 }
 trap cleanup EXIT
 # Commit timestamps: the end of a run is its last batch's COMMIT.
-export STACK_PG_OPTS="-c track_commit_timestamp=on"
+export STACK_PG_OPTS="-c track_commit_timestamp=on ${BENCH_PG_OPTS:-}"
 stack_start "$dir" "$partitions" >/dev/null
 # shellcheck disable=SC1091
 source "$dir/env"

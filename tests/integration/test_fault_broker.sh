@@ -8,8 +8,8 @@
 #     Heartbeat and OffsetCommit: the worker waits and goes on;
 #  d. the dead-letter topic failing: the bad message's partition does not
 #     advance past it until its dead letter is acknowledged;
-#  e. offset commits refused as REBALANCE_IN_PROGRESS: Kafka commits are
-#     held, not sent again on every poll, and catch up afterwards.
+#  e. an offset commit refused as REBALANCE_IN_PROGRESS: Kafka commits
+#     are held, not sent again on the next poll, and catch up afterwards.
 # Each phase ends on exact sums.
 #
 # usage: test_fault_broker.sh TALLY TALLY_GEN
@@ -165,17 +165,17 @@ got=$(it_sql "SELECT sum(tokens) FROM tally.token_usage_daily
 [ "$got" = 210 ] || fail "t-dlq counted $got tokens, expected 210"
 it_assert_alive w3 "after the dead-letter topic recovered"
 
-step "e. offset commits refused as REBALANCE_IN_PROGRESS"
+step "e. an offset commit refused as REBALANCE_IN_PROGRESS"
 # librdkafka 2.0.2 (cooperative-sticky) rejoins the group after such a
-# refusal, and a member that commits again at once keeps the group
-# rebalancing (librdkafka #4059): the worker holds its Kafka commits
-# after one (kafka_consumer_commit()), so the three refusals below take
-# two holds of 10 s, where commits sent again on every poll used them up
-# within a second. Counting goes on meanwhile (positions are in
-# Postgres), and Kafka's offsets catch up afterwards.
+# refusal, and a member that commits again during the rebalance makes it
+# go round again (librdkafka #4059): the worker holds its Kafka commits
+# after one (kafka_consumer_commit()) until a rebalance callback, or 60 s,
+# where it used to send them again on its next poll (caught up within 2 s
+# here). Counting goes on meanwhile (positions are in Postgres), and
+# Kafka's offsets catch up afterwards.
 gen e 5000 57
 retries0=$(grep -c 'a Kafka offset commit failed' "$IT_DIR/w3.log" || true)
-broker errors OffsetCommit 3 REBALANCE_IN_PROGRESS
+broker errors OffsetCommit 1 REBALANCE_IN_PROGRESS
 t0=$(date +%s)
 it_produce "$IT_DIR/e.jsonl"
 it_wait_consumed $((45000 + 21 + 5000)) 120
@@ -194,7 +194,7 @@ c.close()
 EOF
 }
 want=$(it_committed)
-for _ in $(seq 1 60); do
+for _ in $(seq 1 100); do
   [ "$(kafka_sum)" = "$want" ] && break
   sleep 1
 done
@@ -205,12 +205,11 @@ took=$(($(date +%s) - t0))
 retries=$(($(grep -c 'a Kafka offset commit failed' "$IT_DIR/w3.log") - retries0))
 echo "    Kafka's offsets caught up with Postgres after ${took} s;" \
   "$retries commits sent again"
-[ "$took" -ge 15 ] ||
-  fail "three refused commits were used up in ${took} s: commits were" \
-    "not held after REBALANCE_IN_PROGRESS"
-[ "$retries" -le 8 ] ||
-  fail "$retries commits sent again: at most one a second (and none while" \
-    "held) was expected"
+[ "$took" -ge 5 ] ||
+  fail "Kafka's offsets caught up ${took} s after the refusal: commits" \
+    "were not held after REBALANCE_IN_PROGRESS"
+[ "$retries" -le 3 ] ||
+  fail "$retries commits sent again: none while held was expected"
 it_merge_expect "$IT_DIR/abce.expect" "$IT_DIR/abc.expect" "$IT_DIR/e.expect"
 it_daily_tsv | grep -v '^t-dlq	' >"$IT_DIR/daily-e.tsv"
 LC_ALL=C sort "$IT_DIR/abce.expect" | diff - "$IT_DIR/daily-e.tsv" >&2 ||
@@ -219,5 +218,5 @@ it_assert_alive w3 "after the refused commits"
 it_worker_stop w3
 echo "PASS: partitions lost mid-batch, Kafka offsets ahead, 20 s without" \
   "brokers, Fetch/Heartbeat/OffsetCommit errors, a failing dead-letter" \
-  "topic and commits refused as REBALANCE_IN_PROGRESS: exact sums over" \
+  "topic and a commit refused as REBALANCE_IN_PROGRESS: exact sums over" \
   "50,021 messages"

@@ -55,9 +55,14 @@ kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
  * rebalances (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION,
  * UNKNOWN_MEMBER_ID), commits are held (not sent, and counted as failed
  * so that kafka_consumer_commit_failed() brings them back) until a
- * rebalance callback reaches this consumer or KAFKA_COMMIT_HOLD_MS has
- * passed. Returns rd_kafka_commit()'s result, or NO_ERROR when held. */
-#define KAFKA_COMMIT_HOLD_MS 10000
+ * rebalance callback reaches this consumer (librdkafka calls it when
+ * every rebalance completes, even with nothing new to assign) or, should
+ * none come, KAFKA_COMMIT_HOLD_MS has passed. A shorter hold was not
+ * enough: a commit sent after 10 s into a rebalance that lasted longer
+ * (the mock's last 44 s) was refused as ILLEGAL_GENERATION, which 2.0.2
+ * takes as the assignment lost, and the group went round again. Returns
+ * rd_kafka_commit()'s result, or NO_ERROR when held. */
+#define KAFKA_COMMIT_HOLD_MS 60000
 rd_kafka_resp_err_t
 kafka_consumer_commit(kafka_consumer_t *kc,
                       const rd_kafka_topic_partition_list_t *offsets,
