@@ -200,15 +200,21 @@ static bool kafka_err_rebalancing(rd_kafka_resp_err_t err)
            err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID;
 }
 
+/* The positions are to be committed again (kafka_consumer_commit_failed()). */
+static void kafka_commit_mark_failed(kafka_consumer_t *kc)
+{
+    if (!kc->commit_failed)
+        kc->failed_ms = kafka_now_ms();
+    kc->commit_failed = true;
+}
+
 void kafka_consumer_commit_result(kafka_consumer_t *kc,
                                   rd_kafka_resp_err_t err)
 {
     if (!err || err == RD_KAFKA_RESP_ERR__NO_OFFSET)
         return;
     log_debug("kafka offset commit failed: %s", rd_kafka_err2str(err));
-    if (!kc->commit_failed)
-        kc->failed_ms = kafka_now_ms();
-    kc->commit_failed = true;
+    kafka_commit_mark_failed(kc);
     if (kafka_err_rebalancing(err) && kc->hold_until_ms == 0)
         kc->hold_until_ms = kafka_now_ms() + KAFKA_COMMIT_HOLD_MS;
 }
@@ -220,14 +226,17 @@ kafka_consumer_commit(kafka_consumer_t *kc,
 {
     rd_kafka_resp_err_t err;
 
-    if (kc->hold_until_ms != 0 && kafka_now_ms() < kc->hold_until_ms) {
+    /* Synchronous commits (a revocation, a stop) are never held: they
+     * are the last chance to commit those positions, and their outcome
+     * is reported to the caller. */
+    if (!sync && kc->hold_until_ms != 0 &&
+        kafka_now_ms() < kc->hold_until_ms) {
         /* Sent again (pipeline_recommit()) once the hold is over. */
-        if (!kc->commit_failed)
-            kc->failed_ms = kafka_now_ms();
-        kc->commit_failed = true;
+        kafka_commit_mark_failed(kc);
         return RD_KAFKA_RESP_ERR_NO_ERROR;
     }
-    kc->hold_until_ms = 0;
+    if (!sync)
+        kc->hold_until_ms = 0;
     err = rd_kafka_commit(kc->rk, offsets, sync ? 0 : 1);
     if (sync)
         kafka_consumer_commit_result(kc, err);

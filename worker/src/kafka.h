@@ -57,7 +57,9 @@ kafka_consumer_t *kafka_consumer_new(const config_t *cfg,
  * so that kafka_consumer_commit_failed() brings them back) until a
  * rebalance callback reaches this consumer (librdkafka calls it when
  * every rebalance completes, even with nothing new to assign) or, should
- * none come, KAFKA_COMMIT_HOLD_MS has passed. A shorter hold was not
+ * none come, KAFKA_COMMIT_HOLD_MS has passed. Synchronous commits (a
+ * revocation, a stop: the last chance for those positions) are sent
+ * whatever the hold. A shorter hold was not
  * enough: a commit sent after 10 s into a rebalance that lasted longer
  * (the mock's last 44 s) was refused as ILLEGAL_GENERATION, which 2.0.2
  * takes as the assignment lost, and the group went round again. Returns
