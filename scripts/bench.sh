@@ -22,6 +22,9 @@
 # dedupe store handles; the members' sums rows overlap).
 # BENCH_PG_OPTS adds Postgres settings ("-c name=value ...", e.g. "-c
 # wal_init_zero=on" for a new cluster's default).
+# BENCH_WRAP runs the worker under a wrapper (e.g. "valgrind --tool=massif
+# --massif-out-file=/tmp/massif.out" to see what the heap holds at its
+# peak; the RSS printed is then the wrapper's).
 # BENCH_WORKER_ARGS adds worker flags (e.g. "--consumers 2"); BENCH_PEER=0
 # skips the Python peer. BENCH_INVALIDATIONS=N also produces N exact
 # cache invalidations (over the same tenants) as a backlog, so that both
@@ -189,18 +192,24 @@ broker_cpu0=$(stack_cpu_s "$broker_pid")
 steal0=$(steal_s)
 echo "== consuming with one worker $batch_args"
 # shellcheck disable=SC2086
-"$TALLY" worker --metrics-addr "127.0.0.1:$port" $batch_args \
+${BENCH_WRAP:-} "$TALLY" worker --metrics-addr "127.0.0.1:$port" $batch_args \
   >"$dir/worker.log" 2>&1 &
 wpid=$!
+w_start=$(date +%s.%N)
 rss_peak=0
+inv_secs=""
 while :; do
   got=$($PSQL -At -c "SELECT coalesce(sum(next_offset), 0)
                       FROM tally.consumer_offsets" 2>/dev/null || echo 0)
-  if [ "$got" = "$lines" ]; then
-    [ "$invalidations" -eq 0 ] && break
+  # When the invalidation backlog was drained (to the poll's 0.5 s).
+  if [ "$invalidations" -gt 0 ] && [ -z "$inv_secs" ]; then
     inv=$(curl -s "127.0.0.1:$port/metrics" |
       awk '$1 == "tally_invalidation_messages_total" { print $2 }')
-    [ "${inv:-0}" -ge "$invalidations" ] && break
+    [ "${inv:-0}" -ge "$invalidations" ] &&
+      inv_secs=$(printf "%.1f" "$(echo "$(date +%s.%N) - $w_start" | bc)")
+  fi
+  if [ "$got" = "$lines" ]; then
+    [ "$invalidations" -eq 0 ] || [ -n "$inv_secs" ] && break
   fi
   kill -0 "$wpid" 2>/dev/null || { tail "$dir/worker.log"; exit 1; }
   sleep 0.5
@@ -253,7 +262,7 @@ cat <<OUT
    messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates)
    first msg -> last commit  ${secs} s
    throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
-   worker peak RSS     $((rss_peak / 1024)) MiB$([ "$invalidations" -gt 0 ] && echo " (with $invalidations cache invalidations drained at the same time: $(metric tally_invalidation_messages_total) consumed)")
+   worker peak RSS     $((rss_peak / 1024)) MiB$([ "$invalidations" -gt 0 ] && echo " (with $invalidations cache invalidations drained at the same time: $(metric tally_invalidation_messages_total) consumed, all within ${inv_secs} s of the worker's start)")
    batches             $(metric tally_usage_batches_total) in $(metric tally_usage_transactions_total) transactions
    rebalances          $(metric tally_usage_rebalances_total) (one assignment a member is the start; more means the group rebalanced during the run)
    worker time: parse $(echo "scale=1; $(metric tally_usage_parse_seconds_total) / 1" | bc) s, waiting in poll $(echo "scale=1; $(metric tally_usage_poll_seconds_total) / 1" | bc) s, waiting for commits $(echo "scale=1; $(metric tally_usage_commit_wait_seconds_total) / 1" | bc) s

@@ -3,6 +3,7 @@
 #define TALLY_INVALIDATION_CONSUMER_H
 
 #include <signal.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "cache.h"
@@ -22,6 +23,9 @@ typedef struct {
     int batch_ms;
     size_t max_message_bytes;
     long scan_count;    /* SCAN COUNT */
+    /* Nudge librdkafka's fetcher (pipeline.c, pipeline_nudge()): for a
+     * small pre-fetch queue, as next to token usage. */
+    bool nudge_fetches;
     cache_t *cache;     /* borrowed; this thread's own connection */
     dead_letter_t *dlq; /* borrowed */
     volatile sig_atomic_t *stop;

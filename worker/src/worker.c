@@ -209,8 +209,13 @@ static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
 #define MEMBER_QUEUE_MIN_KB 1024
 /* The cache-invalidation consumer's pre-fetch queue when the token-usage
  * pipeline runs in the same process (alone it has 16 MiB): both drained
- * at once must stay within the process's 64 MiB. -X sets both. */
+ * at once must stay within the process's 64 MiB. The queue is bounded by
+ * count too: librdkafka keeps an op of a few hundred bytes per queued
+ * message beside its payload, and 2 MiB of 70-byte invalidations is
+ * 30,000 of them (massif: librdkafka held 30 MB at the peak of a run
+ * whose queues were 10 MiB in all). -X sets both. */
 #define INVALIDATION_SHARED_QUEUE_KB "2048"
+#define INVALIDATION_SHARED_QUEUE_MSGS "10000"
 static size_t usage_batch_size(const config_t *cfg)
 {
     long long n = config_int(cfg, "consumers");
@@ -319,6 +324,8 @@ static void *invalidation_thread(void *arg)
     ic.batch_ms = (int)config_int(cfg, "invalidation-batch-ms");
     ic.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
     ic.scan_count = (long)config_int(cfg, "scan-count");
+    /* Next to token usage its queue is small (create_pipelines()). */
+    ic.nudge_fetches = config_str(cfg, "usage-topic")[0] != '\0';
     ic.cache = cache;
     ic.dlq = pl->dlq;
     ic.stop = &stop_requested;
@@ -347,7 +354,7 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
     const char *ig = config_str(cfg, "invalidation-group");
     const char *usage = config_str(cfg, "usage-topic");
     const char *inval = config_str(cfg, "invalidation-topic");
-    const char *inv_defaults[16], *usage_defaults[32];
+    const char *inv_defaults[20], *usage_defaults[32];
     char err[512], queue_kb[32];
     size_t k = 0, u = 0;
 
@@ -388,6 +395,10 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
                                 "queued.max.messages.kbytes")
                 ? INVALIDATION_SHARED_QUEUE_KB
                 : invalidation_consumer_kafka_defaults[i + 1];
+    }
+    if (usage[0]) {
+        inv_defaults[k++] = "queued.min.messages";
+        inv_defaults[k++] = INVALIDATION_SHARED_QUEUE_MSGS;
     }
     inv_defaults[k++] = "auto.offset.reset";
     inv_defaults[k++] = config_str(cfg, "start-from");
@@ -462,6 +473,15 @@ int worker_main(int argc, char **argv)
     /* A few threads (librdkafka's, the committer, metrics) each get a
      * malloc arena by default; two keep the peak RSS down. */
     mallopt(M_ARENA_MAX, 2);
+    /* glibc raises its mmap threshold each time a large block is freed
+     * (up to 32 MiB), after which the batch and COPY buffers of every
+     * window come from the heaps and their freed pages stay resident
+     * between windows. A fixed threshold keeps blocks of 256 KiB and
+     * more mapped on their own, so that they go back to the kernel when
+     * freed: with both pipelines and two members draining, peak RSS was
+     * 53-57 MiB with the invalidations' count bound alone and 48-50 with
+     * this too (56-66 before both; README, Performance). */
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 #endif
 
     /* Order matters: signals, configuration checks, metrics, the Kafka
