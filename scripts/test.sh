@@ -9,7 +9,8 @@
 #     an uninstrumented binary: test_worker_dlq.sh and
 #     test_worker_invalidation.sh with the worker under valgrind memcheck
 #     (label valgrind; no invalid access, no leak), and the peak-RSS
-#     test with messages near --max-message-bytes (label rss).
+#     tests (label rss): messages near --max-message-bytes, and both
+#     pipelines with --consumers 2 draining backlogs at once.
 # About 12 minutes on 2 cores (ASan costs the integration suite next to
 # nothing: it waits on Postgres, the broker and timeouts, not on the worker).
 #   scripts/test.sh

@@ -68,5 +68,8 @@ if(NOT TALLY_SANITIZE)
   tally_worker_test(fault_large)
   set_tests_properties(integration_fault_large PROPERTIES
                        LABELS "integration;rss")
+  tally_worker_test(worker_rss)
+  set_tests_properties(integration_worker_rss PROPERTIES
+                       LABELS "integration;rss")
 endif()
 tally_worker_test(ops_scale)
