@@ -75,7 +75,13 @@ static void committer_run(store_t *st, committer_job_t *job)
 static void *committer_main(void *arg)
 {
     committer_t *com = arg;
+    char parent[16], name[16];
 
+    /* The consumer's name (inherited), e.g. usage-1-commit. */
+    if (pthread_getname_np(pthread_self(), parent, sizeof(parent)) == 0) {
+        snprintf(name, sizeof(name), "%.8s-commit", parent);
+        pthread_setname_np(pthread_self(), name);
+    }
     pthread_mutex_lock(&com->mu);
     for (;;) {
         committer_job_t *job;

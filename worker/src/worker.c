@@ -244,9 +244,13 @@ static void *usage_thread(void *arg)
     config_t *cfg = pl->cfg;
     usage_consumer_conf_t cc;
     store_t *st;
-    char err[512], owner[256], host[128];
+    char err[512], owner[256], host[128], name[16];
     int stored_days = -1;
 
+    /* Named for top -H and perf: usage-1, usage-2, ... (its committer
+     * thread: usage-1-commit). */
+    snprintf(name, sizeof(name), "usage-%d", pl->member);
+    pthread_setname_np(pthread_self(), name);
     gethostname(host, sizeof(host));
     host[sizeof(host) - 1] = '\0';
     snprintf(owner, sizeof(owner), "%s/%d/%d", host, (int)getpid(), pl->member);
@@ -303,6 +307,7 @@ static void *invalidation_thread(void *arg)
     cache_t *cache;
     char err[512];
 
+    pthread_setname_np(pthread_self(), "invalidation");
     cache = cache_new(config_str(cfg, "redis-url"), err, sizeof(err));
     if (!cache) {
         log_error("--redis-url: %s", err);
