@@ -45,8 +45,8 @@ step "a. partitions lost while a batch is open"
 gen a 5000 51
 it_produce "$IT_DIR/a.jsonl"
 port=$(it_free_port)
-it_worker_start w1 --batch-ms 20000 --batch-size 100000 \
-  --metrics-addr "127.0.0.1:$port" "${session[@]}"
+it_worker_start w1 --batch-ms 20000 --batch-idle-ms 0 \
+  --batch-size 100000 --metrics-addr "127.0.0.1:$port" "${session[@]}"
 for _ in $(seq 1 300); do
   got=$(it_metric "127.0.0.1:$port" tally_usage_messages_total 2>/dev/null ||
     true)

@@ -101,7 +101,8 @@ step "2. one long-lived worker with long batches and metrics"
 t2=$(it_sql "SELECT now()")
 mport=$(it_free_port)
 M="127.0.0.1:$mport"
-it_worker_start w1 --batch-ms 2000 --batch-size 100000 --metrics-addr "$M"
+it_worker_start w1 --batch-ms 2000 --batch-idle-ms 0 --batch-size 100000 \
+  --metrics-addr "$M"
 w1_started=$SECONDS
 settled w1
 metric() { it_metric "$M" "$1"; }

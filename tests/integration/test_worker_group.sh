@@ -87,7 +87,7 @@ step "2. a zombie: SIGSTOP one worker past the session timeout"
 # in Postgres that stall the other worker until it thaws or Postgres drops
 # the session.)
 it_worker_start w3 --group g --batch-size 1000000 --batch-bytes 1000000000 \
-  --batch-ms 15000
+  --batch-ms 15000 --batch-idle-ms 0
 it_produce_trickle "$IT_DIR/events2.jsonl" 1500 0.3
 it_wait_log w3 "claimed \(epoch" "$GROUP_S"
 it_wait_log w3 "first message: " "$GROUP_S"

@@ -15,6 +15,7 @@ tally_worker_test(worker_pg_restart)
 tally_worker_test(worker_group)
 tally_worker_test(worker_dlq)
 tally_worker_test(worker_dedupe)
+tally_worker_test(worker_batch_idle)
 tally_worker_test(cli)
 
 # cache.c against a private redis-server (tests/unit/test_cache_redis.c).

@@ -47,6 +47,7 @@ typedef struct {
     batch_t *spare;      /* the other buffer, when not with the committer */
     size_t batch_msgs, batch_bytes, batch_dlq;
     int64_t batch_opened_ms;
+    int64_t last_msg_ms; /* when the last message came (consumer_caught_up()) */
     /* The open window: batches in the committer's transaction, not
      * committed yet (their partitions are marked in_window). */
     size_t win_batches, win_msgs, win_dlq;
@@ -717,9 +718,10 @@ static void consumer_abandon_batch(consumer_t *c, const char *why)
 }
 
 /* Whether the batch being sealed commits the window: `sync` (a
- * rebalance, the end), a batch sealed by --batch-ms (traffic is slower
- * than a batch: no reason to wait), the window full (--commit-batches)
- * or open for --batch-ms already, or messages of a failed window ahead. */
+ * rebalance, the end), a batch sealed by --batch-ms or by
+ * --batch-idle-ms (consumer_caught_up()): traffic is slower than a
+ * batch, no reason to wait), the window full (--commit-batches) or open
+ * for --batch-ms already, or messages of a failed window ahead. */
 static bool consumer_window_closes(const consumer_t *c, bool sync)
 {
     bool by_time = !batch_is_full(c->batch) &&
@@ -794,13 +796,46 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
     return 0;
 }
 
+/* True when no message came for --batch-idle-ms and every active
+ * partition has been read to its end (librdkafka's high watermark from
+ * its last fetch): a backlog is drained, and holding the open batch for
+ * the rest of --batch-ms would only delay its commit (at the end of a
+ * backlog each member's last partial batches, then their window, waited
+ * 0.5-1 s that way). An empty partition is at its end; one whose end is
+ * not known yet, or with messages before its end that this member has
+ * not read (--start-from latest on a silent partition), keeps the batch
+ * to --batch-ms. Under steady traffic messages keep coming and this
+ * does not apply. */
+static bool consumer_caught_up(const consumer_t *c, int64_t now)
+{
+    if (c->conf->batch_idle_ms <= 0 ||
+        now - c->last_msg_ms < c->conf->batch_idle_ms)
+        return false;
+    for (int32_t i = 0; i < c->pl.parts.n; i++) {
+        const part_t *p = &c->pl.parts.parts[i];
+        int64_t lo = -1, hi = -1;
+        if (p->state != PART_ACTIVE)
+            continue;
+        if (rd_kafka_get_watermark_offsets(c->pl.rk, c->conf->topic, i, &lo,
+                                           &hi) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+            hi < 0 || (lo < hi && p->next < hi))
+            return false;
+    }
+    return true;
+}
+
 static bool consumer_batch_due(const consumer_t *c)
 {
+    int64_t t;
+
     if (c->batch_msgs == 0)
         return false;
-    return batch_is_full(c->batch) || c->batch_msgs >= c->conf->batch_size ||
-           c->batch_bytes >= c->conf->batch_bytes ||
-           now_ms() - c->batch_opened_ms >= c->conf->batch_ms;
+    if (batch_is_full(c->batch) || c->batch_msgs >= c->conf->batch_size ||
+        c->batch_bytes >= c->conf->batch_bytes)
+        return true;
+    t = now_ms();
+    return t - c->batch_opened_ms >= c->conf->batch_ms ||
+           consumer_caught_up(c, t);
 }
 
 /* ---------------------------------------------------------------- */
@@ -899,8 +934,9 @@ static void consumer_handle(void *arg, const rd_kafka_message_t *rkm)
             break;
         }
     }
+    c->last_msg_ms = ctx.now_us / 1000; /* the clock of now_ms() */
     if (c->batch_msgs == 0)
-        c->batch_opened_ms = now_ms();
+        c->batch_opened_ms = c->last_msg_ms;
     p->next = rkm->offset + 1;
     p->in_batch = true;
     c->batch_msgs++;
@@ -1102,7 +1138,13 @@ static int consumer_prepare(void *arg)
     consumer_t *c = arg;
     consumer_claim_pending(c);
     if (c->batch_msgs > 0) {
-        int64_t left = c->batch_opened_ms + c->conf->batch_ms - now_ms();
+        int64_t t = now_ms();
+        int64_t left = c->batch_opened_ms + c->conf->batch_ms - t;
+        int64_t idle_left = c->last_msg_ms + c->conf->batch_idle_ms - t;
+        /* Wake when the idle time is up (consumer_caught_up()); once it
+         * is past, a message or --batch-ms wakes the loop. */
+        if (c->conf->batch_idle_ms > 0 && idle_left > 0 && idle_left < left)
+            left = idle_left;
         return left < 0 ? 0 : left < 100 ? (int)left : 100;
     }
     return 100;
