@@ -23,6 +23,8 @@ it_worker_start w1 --batch-ms "$LONG_MS" --batch-size 100000 \
 it_wait_log w1 "first message: " 60
 it_wait_consumed "$lines" 20
 it_assert_sums "$IT_DIR/expect"
+# Logged when the loop collects the commit, a moment after Postgres has it.
+it_wait_log w1 "committed [0-9]+ batches in one transaction" 10
 grep -q "committed 1 batches in one transaction: $lines messages" \
   "$IT_DIR/w1.log" || fail "the $lines messages were not one batch"
 it_worker_stop w1

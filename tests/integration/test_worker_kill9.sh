@@ -8,7 +8,7 @@
 # usage: test_worker_kill9.sh TALLY TALLY_GEN [EVENTS] [KILLS]
 source "$(dirname "$0")/lib.sh"
 it_setup "$1" "$2" 8
-EVENTS=${3:-100000}
+EVENTS=${3:-150000}
 KILLS=${4:-5}
 
 step "generate $EVENTS events (10% duplicates, 5% without idempotency_key)"
@@ -37,9 +37,14 @@ prev=0
 for k in $(seq 1 "$KILLS"); do
   # Progress since the previous kill: the restarted worker got its
   # partitions back (the killed member's session had to expire first)
-  # and committed more.
+  # and committed more. Then a random amount of further progress and a
+  # random moment within the next batches: the kills are placed by
+  # progress, not by time, so a fast machine cannot finish the backlog
+  # before the last kill (a fixed 0.1-1.5 s delay once did).
   moved=$(it_wait_progress "$prev" 60)
-  delay_ms=$(it_rand 100 1500)
+  step_msgs=$(it_rand 500 5000)
+  it_wait_progress $((moved + step_msgs)) 60 >/dev/null
+  delay_ms=$(it_rand 0 150)
   sleep "$(printf '0.%03d' "$delay_ms")"
   at=$(it_committed)
   [ "$at" -lt "$total" ] ||
@@ -47,8 +52,8 @@ for k in $(seq 1 "$KILLS"); do
       "the run is too short for $KILLS kills"
   it_worker_kill9 w1
   after=$(it_committed)
-  echo "    kill $k: ${delay_ms} ms after progress ($prev -> $moved);" \
-    "$after of $total committed at the kill"
+  echo "    kill $k: ${step_msgs} messages and ${delay_ms} ms after" \
+    "progress ($prev -> $moved); $after of $total committed at the kill"
   [ "$after" -gt "$prev" ] || fail "no progress between kill $((k - 1)) and $k"
   prev=$after
   it_worker_start w1 "${worker_args[@]}"
