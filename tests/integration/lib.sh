@@ -244,6 +244,24 @@ it_wait_progress() {
   fail "after ${timeout}s the group $group has not moved past $above"
 }
 
+# A moment for a kill placed by progress, not by time (a fixed delay after
+# progress let a fast machine finish a test's backlog before its last
+# kill): waits for the group's next commit past PREV, then for a random
+# 500-5,000 messages more (at most up to TOTAL - 1), then a random 0-150
+# ms, so that the kill lands anywhere in the batches' cycle. Prints
+# "MOVED STEP MS". it_progress_moment PREV TOTAL [GROUP]
+it_progress_moment() {
+  local prev=$1 total=$2 group=${3:-tally} moved step ms target
+  moved=$(it_wait_progress "$prev" 60 "$group")
+  step=$(it_rand 500 5000)
+  target=$((moved + step < total - 1 ? moved + step : total - 1))
+  [ "$target" -gt "$moved" ] &&
+    it_wait_progress "$target" 60 "$group" >/dev/null
+  ms=$(it_rand 0 150)
+  sleep "$(printf '0.%03d' "$ms")"
+  echo "$moved $step $ms"
+}
+
 # True while worker NAME's process exists.
 it_worker_alive() {
   kill -0 "$(it_worker_pid "$1")" 2>/dev/null

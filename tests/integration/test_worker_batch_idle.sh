@@ -40,6 +40,31 @@ it_worker_stop w2 # commits the open batch
 [ "$(it_committed g2)" = "$lines" ] ||
   fail "group g2 committed $(it_committed g2) of $lines at the stop"
 it_assert_sums "$IT_DIR/expect"
+step "a backlog many times the pre-fetch queue: no early batch while it lasts"
+# 1 MiB of queue: librdkafka stops fetching again and again, and the
+# consumer finds its queue empty in between; with --batch-idle-ms 1 only
+# the partitions' ends (not the pauses) may close a batch, so every batch
+# but the last is full.
+"$TALLY_GEN" --count 20000 --seed 6 --tenants 200 --dup-rate 0.05 \
+  --expect "$IT_DIR/expect2" >"$IT_DIR/events2.jsonl"
+lines2=$(it_summary "$IT_DIR/expect2.summary" lines)
+it_produce "$IT_DIR/events2.jsonl"
+it_merge_expect "$IT_DIR/expect.all" "$IT_DIR/expect" "$IT_DIR/expect2"
+all=$((lines + lines2))
+it_worker_start w3 --group g3 --batch-ms "$LONG_MS" --batch-size 2000 \
+  --commit-batches 1 --batch-idle-ms 1 -X queued.max.messages.kbytes=1024 \
+  --log-level debug
+it_wait_consumed "$all" 120 g3
+it_wait_log w3 "committed 1 batches in one transaction: $((all % 2000)) messages" 10
+sizes=$(grep -oE "committed 1 batches in one transaction: [0-9]+ messages" \
+  "$IT_DIR/w3.log" | awk '{ print $7 }')
+full=$(grep -cx 2000 <<<"$sizes" || true)
+[ "$full" -eq $((all / 2000)) ] && [ "$(wc -l <<<"$sizes")" -eq $((full + 1)) ] ||
+  fail "batches of $(tr '\n' ' ' <<<"$sizes")for $all messages: expected" \
+    "$((all / 2000)) of 2000 and one of $((all % 2000))"
+it_assert_sums "$IT_DIR/expect.all"
+it_worker_stop w3
 echo "PASS: a backlog smaller than a batch committed once caught up, well" \
   "within --batch-ms ($LONG_MS ms); with --batch-idle-ms 0 it waited" \
-  "for the stop; sums exact"
+  "for the stop; a backlog of $all through a 1 MiB queue came in" \
+  "$((all / 2000)) full batches and one of $((all % 2000)); sums exact"

@@ -63,8 +63,7 @@ kargs=(--batch-size 1000 --batch-ms 100 -X session.timeout.ms=3000)
 it_worker_start wk "${kargs[@]}"
 prev=0
 for k in 1 2; do
-  it_wait_progress "$prev" 120 >/dev/null
-  sleep "0.$(it_rand 0 3)"
+  it_progress_moment "$prev" "$produced" >/dev/null
   it_worker_kill9 wk
   prev=$(it_committed)
   [ "$prev" -lt "$produced" ] || fail "kill $k landed after the end"

@@ -37,15 +37,9 @@ prev=0
 for k in $(seq 1 "$KILLS"); do
   # Progress since the previous kill: the restarted worker got its
   # partitions back (the killed member's session had to expire first)
-  # and committed more. Then a random amount of further progress and a
-  # random moment within the next batches: the kills are placed by
-  # progress, not by time, so a fast machine cannot finish the backlog
-  # before the last kill (a fixed 0.1-1.5 s delay once did).
-  moved=$(it_wait_progress "$prev" 60)
-  step_msgs=$(it_rand 500 5000)
-  it_wait_progress $((moved + step_msgs)) 60 >/dev/null
-  delay_ms=$(it_rand 0 150)
-  sleep "$(printf '0.%03d' "$delay_ms")"
+  # and committed more; then a moment placed by progress
+  # (it_progress_moment), not by time.
+  read -r moved step_msgs delay_ms <<<"$(it_progress_moment "$prev" "$total")"
   at=$(it_committed)
   [ "$at" -lt "$total" ] ||
     fail "kill $k would land after the end ($at of $total committed): " \

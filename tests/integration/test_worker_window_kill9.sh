@@ -60,16 +60,14 @@ TALLY_TEST_FAULT=commit-lost:1 it_worker_start w3 "${args[@]}"
 it_wait_log w3 "connection lost during COMMIT" 60
 prev=$at
 for k in $(seq 1 "$KILLS"); do
-  moved=$(it_wait_progress "$prev" 60)
-  delay_ms=$(it_rand 50 700)
-  sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
+  read -r moved step_msgs delay_ms <<<"$(it_progress_moment "$prev" "$total")"
   at=$(it_committed)
   [ "$at" -lt "$total" ] ||
     fail "kill $k would land after the end ($at of $total committed)"
   it_worker_kill9 w3
   after=$(it_committed)
-  echo "    kill $k: ${delay_ms} ms after progress ($prev -> $moved);" \
-    "$after of $total committed at the kill"
+  echo "    kill $k: ${step_msgs} messages and ${delay_ms} ms after" \
+    "progress ($prev -> $moved); $after of $total committed at the kill"
   prev=$after
   it_worker_start w3 "${args[@]}"
 done

@@ -802,10 +802,13 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
  * the rest of --batch-ms would only delay its commit (at the end of a
  * backlog each member's last partial batches, then their window, waited
  * 0.5-1 s that way). An empty partition is at its end; one whose end is
- * not known yet, or with messages before its end that this member has
- * not read (--start-from latest on a silent partition), keeps the batch
- * to --batch-ms. Under steady traffic messages keep coming and this
- * does not apply. */
+ * not known yet (not fetched since it was assigned) keeps the batch to
+ * --batch-ms, and so does one ending in a transaction's commit marker
+ * (librdkafka 2.0.2 caches the high watermark, not the last stable
+ * offset; tally's producers are not transactional). Under traffic of
+ * more than about 1000/--batch-idle-ms messages a second per member
+ * messages keep coming and this does not apply; below it a batch closes
+ * at each such gap, at most 1000/--batch-idle-ms transactions a second. */
 static bool consumer_caught_up(const consumer_t *c, int64_t now)
 {
     if (c->conf->batch_idle_ms <= 0 ||

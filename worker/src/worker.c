@@ -414,6 +414,9 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
     inv_defaults[k++] = "auto.offset.reset";
     inv_defaults[k++] = config_str(cfg, "start-from");
     inv_defaults[k] = NULL;
+    if (k >= sizeof(inv_defaults) / sizeof(inv_defaults[0]) ||
+        u >= sizeof(usage_defaults) / sizeof(usage_defaults[0]))
+        abort(); /* a default added without room for it */
 
     *n = 0;
     for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers"); m++) {
