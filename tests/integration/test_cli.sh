@@ -112,6 +112,10 @@ run 2 "worker --commit-batches 0" -- "$TALLY" worker --commit-batches 0 &&
   says "--commit-batches"
 run 2 "worker --commit-batches 49" -- "$TALLY" worker --commit-batches 49 &&
   says "--commit-batches"
+run 2 "worker --batch-idle-ms -1" -- "$TALLY" worker --batch-idle-ms -1 &&
+  says "--batch-idle-ms"
+run 2 "TALLY_BATCH_IDLE_MS=soon" -- env TALLY_BATCH_IDLE_MS=soon \
+  "$TALLY" worker && says "TALLY_BATCH_IDLE_MS"
 run 2 "worker --start-from sideways" -- "$TALLY" worker --start-from sideways &&
   says "--start-from"
 run 2 "worker --no-migrate=maybe" -- "$TALLY" worker --no-migrate=maybe &&
