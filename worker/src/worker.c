@@ -221,6 +221,14 @@ static void dlq_topic_of(config_t *cfg, const char *flag, const char *topic,
  * whose queues were 10 MiB in all). -X sets both. */
 #define INVALIDATION_SHARED_QUEUE_KB "2048"
 #define INVALIDATION_SHARED_QUEUE_MSGS "10000"
+/* True when the token-usage pipeline runs in this process: the
+ * invalidation consumer then gets the small queue above and fetch
+ * nudges. */
+static bool usage_shares_process(const config_t *cfg)
+{
+    return config_str(cfg, "usage-topic")[0] != '\0';
+}
+
 static size_t usage_batch_size(const config_t *cfg)
 {
     long long n = config_int(cfg, "consumers");
@@ -335,8 +343,7 @@ static void *invalidation_thread(void *arg)
     ic.batch_ms = (int)config_int(cfg, "invalidation-batch-ms");
     ic.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
     ic.scan_count = (long)config_int(cfg, "scan-count");
-    /* Next to token usage its queue is small (create_pipelines()). */
-    ic.nudge_fetches = config_str(cfg, "usage-topic")[0] != '\0';
+    ic.nudge_fetches = usage_shares_process(cfg);
     ic.cache = cache;
     ic.dlq = pl->dlq;
     ic.stop = &stop_requested;
@@ -402,21 +409,19 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
         inv_defaults[k++] = invalidation_consumer_kafka_defaults[i];
         /* Next to the token-usage pipeline, a share of the budget. */
         inv_defaults[k++] =
-            usage[0] && !strcmp(invalidation_consumer_kafka_defaults[i],
-                                "queued.max.messages.kbytes")
+            usage_shares_process(cfg) &&
+                    !strcmp(invalidation_consumer_kafka_defaults[i],
+                            "queued.max.messages.kbytes")
                 ? INVALIDATION_SHARED_QUEUE_KB
                 : invalidation_consumer_kafka_defaults[i + 1];
     }
-    if (usage[0]) {
+    if (usage_shares_process(cfg)) {
         inv_defaults[k++] = "queued.min.messages";
         inv_defaults[k++] = INVALIDATION_SHARED_QUEUE_MSGS;
     }
     inv_defaults[k++] = "auto.offset.reset";
     inv_defaults[k++] = config_str(cfg, "start-from");
     inv_defaults[k] = NULL;
-    if (k >= sizeof(inv_defaults) / sizeof(inv_defaults[0]) ||
-        u >= sizeof(usage_defaults) / sizeof(usage_defaults[0]))
-        abort(); /* a default added without room for it */
 
     *n = 0;
     for (long long m = 1; usage[0] && m <= config_int(cfg, "consumers"); m++) {
