@@ -5,7 +5,8 @@
 #   scripts/bench.sh [EVENTS] [PARTITIONS]   (default 500000, 64)
 #
 # Produces EVENTS events (3000 tenants with skewed popularity, a handful of
-# models and operations, 5% duplicates, 90% from the last two days and a
+# models and operations, 5% duplicates, 0.1% bad lines (BENCH_BAD_RATE:
+# dead-lettered by tally, rejected by the peer), 90% from the last two days and a
 # tail over 30 days) as a backlog, then starts one worker and measures:
 # events/s from the first message consumed to the last sum committed, the
 # worker's peak RSS (VmHWM), and where the time went (the worker's own
@@ -156,6 +157,7 @@ PEER
 
 echo "== generating $events events"
 "$GEN" --count "$events" --tenants 3000 --seed 11 --dup-rate 0.05 \
+  --bad-rate "${BENCH_BAD_RATE:-0.001}" \
   --expect "$dir/expect" >"$dir/events.jsonl"
 lines=$(awk '$1 == "lines" { print $2 }' "$dir/expect.summary")
 buckets=$(awk '$1 == "buckets" { print $2 }' "$dir/expect.summary")
@@ -259,7 +261,7 @@ fi
 
 cat <<OUT
 == result ($(nproc) cores, $(uname -m), librdkafka $(dpkg-query -W -f='${Version}' librdkafka-dev))
-   messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates)
+   messages            $lines ($counted counted, $(metric 'tally_usage_duplicates_total{where="batch"}') + $(metric 'tally_usage_duplicates_total{where="store"}') duplicates, $(awk '$1 ~ /^tally_usage_dead_letters_total/ { s += $2 } END { print s + 0 }' "$dir/metrics") dead letters)
    first msg -> last commit  ${secs} s
    throughput          $(echo "scale=0; $lines / $secs" | bc) messages/s end to end
    worker peak RSS     $((rss_peak / 1024)) MiB$([ "$invalidations" -gt 0 ] && echo " (with $invalidations cache invalidations drained at the same time: $(metric tally_invalidation_messages_total) consumed, all within ${inv_secs} s of the worker's start)")
