@@ -112,6 +112,8 @@ run 2 "worker --commit-batches 0" -- "$TALLY" worker --commit-batches 0 &&
   says "--commit-batches"
 run 2 "worker --commit-batches 49" -- "$TALLY" worker --commit-batches 49 &&
   says "--commit-batches"
+run 2 "worker --commit-ms 0" -- "$TALLY" worker --commit-ms 0 &&
+  says "--commit-ms"
 run 2 "worker --batch-idle-ms -1" -- "$TALLY" worker --batch-idle-ms -1 &&
   says "--batch-idle-ms"
 run 2 "TALLY_BATCH_IDLE_MS=soon" -- env TALLY_BATCH_IDLE_MS=soon \
@@ -137,6 +139,8 @@ run 2 "TALLY_BATCH_SIZE=x" -- env TALLY_BATCH_SIZE=x "$TALLY" worker &&
   says "TALLY_BATCH_SIZE"
 run 2 "TALLY_BATCH_SIZE=0" -- env TALLY_BATCH_SIZE=0 "$TALLY" worker &&
   says "TALLY_BATCH_SIZE"
+run 2 "TALLY_COMMIT_MS=1s" -- env TALLY_COMMIT_MS=1s "$TALLY" worker &&
+  says "TALLY_COMMIT_MS"
 run 2 "TALLY_COMMIT_BATCHES=many" -- env TALLY_COMMIT_BATCHES=many \
   "$TALLY" worker && says "TALLY_COMMIT_BATCHES"
 run 2 "TALLY_START_FROM=sideways" -- env TALLY_START_FROM=sideways \

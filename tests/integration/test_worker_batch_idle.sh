@@ -2,7 +2,9 @@
 # --batch-idle-ms: once every partition is read to its end and no message
 # came for that long, the open batch commits without waiting for the
 # rest of --batch-ms (the end of a backlog); with --batch-idle-ms 0 it
-# waits for --batch-ms as before. Sums exact either way.
+# waits for --batch-ms as before. Sums exact either way. And a
+# transaction of several batches (a window) commits once open for
+# --commit-ms, or at --commit-batches without it.
 #
 # usage: test_worker_batch_idle.sh TALLY TALLY_GEN
 source "$(dirname "$0")/lib.sh"
@@ -51,9 +53,10 @@ lines2=$(it_summary "$IT_DIR/expect2.summary" lines)
 it_produce "$IT_DIR/events2.jsonl"
 it_merge_expect "$IT_DIR/expect.all" "$IT_DIR/expect" "$IT_DIR/expect2"
 all=$((lines + lines2))
+mport=$(it_free_port)
 it_worker_start w3 --group g3 --batch-ms "$LONG_MS" --batch-size 2000 \
   --commit-batches 1 --batch-idle-ms 1 -X queued.max.messages.kbytes=1024 \
-  --log-level debug
+  --log-level debug --metrics-addr "127.0.0.1:$mport"
 it_wait_consumed "$all" 120 g3
 it_wait_log w3 "committed 1 batches in one transaction: $((all % 2000)) messages" 10
 sizes=$(grep -oE "committed 1 batches in one transaction: [0-9]+ messages" \
@@ -63,8 +66,43 @@ full=$(grep -cx 2000 <<<"$sizes" || true)
   fail "batches of $(tr '\n' ' ' <<<"$sizes")for $all messages: expected" \
     "$((all / 2000)) of 2000 and one of $((all % 2000))"
 it_assert_sums "$IT_DIR/expect.all"
+# The queue filled and drained again and again: the nudger thread woke
+# librdkafka's fetcher each time (pipeline.c).
+nudges=$(it_metric "127.0.0.1:$mport" tally_usage_fetch_nudges_total)
+[ "${nudges:-0}" -gt 0 ] ||
+  fail "no fetch nudges while 20,000 messages went through a 1 MiB queue"
 it_worker_stop w3
+
+# The largest window in worker NAME's debug log, in batches.
+largest_window() {
+  grep -oE "committed [0-9]+ batches in one transaction" "$IT_DIR/$1.log" |
+    awk '$2 > m { m = $2 } END { print m + 0 }'
+}
+step "--commit-ms 1: a window commits at its third batch, not at --commit-batches"
+# The whole topic again in new groups (every event counted before: the
+# sums stay), in batches of 100 that close by size: only --commit-ms or
+# --commit-batches closes a window while the backlog lasts. A window
+# opens when its first batch is in; the second is sealed at once, the
+# third after a Postgres round trip, past 1 ms.
+it_worker_start w4 --group g4 --batch-ms "$LONG_MS" --batch-size 100 \
+  --batch-idle-ms 0 --commit-batches 48 --commit-ms 1 --log-level debug
+it_wait_consumed "$all" 120 g4
+it_worker_stop w4
+largest=$(largest_window w4)
+[ "$largest" -ge 2 ] && [ "$largest" -lt 10 ] ||
+  fail "with --commit-ms 1 the largest window had $largest batches"
+step "--commit-ms 600000: windows of --commit-batches (48)"
+it_worker_start w5 --group g5 --batch-ms "$LONG_MS" --batch-size 100 \
+  --batch-idle-ms 0 --commit-batches 48 --commit-ms 600000 --log-level debug
+it_wait_consumed "$all" 120 g5
+it_worker_stop w5
+largest5=$(largest_window w5)
+[ "$largest5" -eq 48 ] ||
+  fail "with --commit-ms 600000 the largest window had $largest5 batches"
+it_assert_sums "$IT_DIR/expect.all"
 echo "PASS: a backlog smaller than a batch committed once caught up, well" \
   "within --batch-ms ($LONG_MS ms); with --batch-idle-ms 0 it waited" \
   "for the stop; a backlog of $all through a 1 MiB queue came in" \
-  "$((all / 2000)) full batches and one of $((all % 2000)); sums exact"
+  "$((all / 2000)) full batches and one of $((all % 2000)) ($nudges fetch" \
+  "nudges); windows of" \
+  "at most $largest batches with --commit-ms 1 and of 48 without; sums exact"

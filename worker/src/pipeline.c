@@ -2,6 +2,7 @@
 #include "pipeline.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -383,50 +384,6 @@ static void pipeline_recommit(pipeline_t *pl)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* One active partition per broker leading any of ours, from the
- * cluster's metadata (a round trip; again after each rebalance). */
-static void pipeline_find_leaders(pipeline_t *pl)
-{
-    const struct rd_kafka_metadata *md = NULL;
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(pl->rk, pl->parts.topic, NULL);
-    int32_t *leaders;
-
-    pl->n_nudge = 0;
-    pl->leaders_stale = false;
-    if (!rkt)
-        return;
-    if (rd_kafka_metadata(pl->rk, 0, rkt, &md, 2000) !=
-            RD_KAFKA_RESP_ERR_NO_ERROR ||
-        md->topic_cnt != 1) {
-        pl->leaders_stale = true; /* try again at the next nudge */
-        goto out;
-    }
-    free(pl->nudge_parts);
-    pl->nudge_parts = calloc((size_t)md->topics[0].partition_cnt + 1,
-                             sizeof(*pl->nudge_parts));
-    leaders = calloc((size_t)md->topics[0].partition_cnt + 1, sizeof(*leaders));
-    if (!pl->nudge_parts || !leaders)
-        abort();
-    for (int i = 0; i < md->topics[0].partition_cnt; i++) {
-        const rd_kafka_metadata_partition_t *mp = &md->topics[0].partitions[i];
-        bool seen = false;
-        if (mp->id >= pl->parts.n ||
-            pl->parts.parts[mp->id].state != PART_ACTIVE)
-            continue;
-        for (int k = 0; k < pl->n_nudge && !seen; k++)
-            seen = leaders[k] == mp->leader;
-        if (seen)
-            continue;
-        leaders[pl->n_nudge] = mp->leader;
-        pl->nudge_parts[pl->n_nudge++] = mp->id;
-    }
-    free(leaders);
-out:
-    if (md)
-        rd_kafka_metadata_destroy(md);
-    rd_kafka_topic_destroy(rkt);
-}
-
 /* librdkafka 2.0.2 stops fetching a partition while the pre-fetch queue
  * is full and decides again only when the thread of the partition's
  * broker wakes up, at the latest a second later (2.1 added
@@ -441,15 +398,230 @@ out:
  * invalidation pipeline only next to it, where its queue is 10,000
  * messages (worker.c): alone, with 100,000 small messages a queue, the
  * invalidations went from 121,000 to 66,000 keys/s with it, where token
- * usage went from 30,000 to 39,000 events/s (--consumers 2). */
+ * usage went from 30,000 to 39,000 events/s (--consumers 2).
+ *
+ * The requests are sent from a thread of their own (the nudger), never
+ * from the poll loop: a ListOffsets request waits behind a fetch the
+ * broker holds for fetch.wait.max.ms (500 ms) when a partition is at its
+ * end, and the metadata lookup after a rebalance is a round trip too.
+ * In the loop they held a member's next batch back by 300-530 ms at a
+ * time at the end of a backlog, while its committer had nothing to do.
+ * The loop only hands over the active partitions; a nudge still under
+ * way when the next is due makes that one unnecessary. */
 #define NUDGE_MIN_PEAK 1000
+#define NUDGE_QUERY_MS 100
+#define NUDGE_METADATA_MS 2000
+
+struct nudger {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    rd_kafka_t *rk;
+    const char *topic;
+    metric_t *nudges;
+    bool quit;
+    bool pending;       /* a request is waiting or under way */
+    bool stale;         /* the assignment changed: look the leaders up */
+    int32_t *want;      /* the request: the active partitions */
+    int n_want;
+    int32_t *leader_of; /* by partition, from the last metadata */
+    int n_leader_of;
+};
+
+/* The broker leading each partition of the topic (a round trip). 0, or
+ * -1 (kept for the next request). */
+static int nudger_find_leaders(struct nudger *nd)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(nd->rk, nd->topic, NULL);
+    int rc = -1;
+
+    if (!rkt)
+        return -1;
+    if (rd_kafka_metadata(nd->rk, 0, rkt, &md, NUDGE_METADATA_MS) ==
+            RD_KAFKA_RESP_ERR_NO_ERROR &&
+        md->topic_cnt == 1) {
+        int n = md->topics[0].partition_cnt;
+        free(nd->leader_of);
+        nd->leader_of = malloc(((size_t)n + 1) * sizeof(*nd->leader_of));
+        if (!nd->leader_of)
+            abort();
+        for (int i = 0; i < n; i++)
+            nd->leader_of[i] = -1;
+        for (int i = 0; i < n; i++) {
+            const rd_kafka_metadata_partition_t *mp =
+                &md->topics[0].partitions[i];
+            if (mp->id >= 0 && mp->id < n)
+                nd->leader_of[mp->id] = mp->leader;
+        }
+        nd->n_leader_of = n;
+        rc = 0;
+    }
+    if (md)
+        rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    return rc;
+}
+
+/* One request: a ListOffsets to each broker leading any of `want`. */
+static void nudger_nudge(struct nudger *nd, const int32_t *want, int n_want)
+{
+    int32_t *leaders = malloc(((size_t)n_want + 1) * sizeof(*leaders));
+    int n_leaders = 0;
+
+    if (!leaders)
+        abort();
+    for (int i = 0; i < n_want; i++) {
+        int32_t p = want[i], leader;
+        bool seen = false;
+        int64_t lo, hi;
+        if (p < 0 || p >= nd->n_leader_of)
+            continue;
+        leader = nd->leader_of[p];
+        for (int k = 0; k < n_leaders && !seen; k++)
+            seen = leaders[k] == leader;
+        if (seen || leader < 0)
+            continue;
+        leaders[n_leaders++] = leader;
+        rd_kafka_query_watermark_offsets(nd->rk, nd->topic, p, &lo, &hi,
+                                         NUDGE_QUERY_MS);
+        if (nd->nudges)
+            metric_add(nd->nudges, 1);
+    }
+    free(leaders);
+}
+
+static void *nudger_main(void *arg)
+{
+    struct nudger *nd = arg;
+    int32_t *want = NULL;
+    int cap = 0;
+
+    pthread_mutex_lock(&nd->mu);
+    for (;;) {
+        bool stale;
+        int n;
+        while (!nd->quit && !nd->pending)
+            pthread_cond_wait(&nd->cv, &nd->mu);
+        if (nd->quit)
+            break;
+        if (nd->n_want > cap) {
+            cap = nd->n_want;
+            free(want);
+            want = malloc((size_t)cap * sizeof(*want));
+            if (!want)
+                abort();
+        }
+        n = nd->n_want;
+        memcpy(want, nd->want, (size_t)n * sizeof(*want));
+        stale = nd->stale;
+        nd->stale = false;
+        pthread_mutex_unlock(&nd->mu);
+
+        if ((stale || !nd->leader_of) && nudger_find_leaders(nd) == -1) {
+            pthread_mutex_lock(&nd->mu);
+            nd->stale = true; /* again with the next request */
+            nd->pending = false;
+            continue;
+        }
+        nudger_nudge(nd, want, n);
+        pthread_mutex_lock(&nd->mu);
+        nd->pending = false;
+    }
+    pthread_mutex_unlock(&nd->mu);
+    free(want);
+    return NULL;
+}
+
+static void nudger_start(pipeline_t *pl)
+{
+    struct nudger *nd = calloc(1, sizeof(*nd));
+    char parent[16], name[16];
+
+    if (!nd)
+        abort();
+    nd->rk = pl->rk;
+    nd->topic = pl->parts.topic;
+    nd->nudges = pl->nudges;
+    nd->stale = true;
+    pthread_mutex_init(&nd->mu, NULL);
+    pthread_cond_init(&nd->cv, NULL);
+    if (pthread_create(&nd->thread, NULL, nudger_main, nd) != 0) {
+        log_warn("%s: no fetch nudges: cannot start their thread", pl->name);
+        pthread_mutex_destroy(&nd->mu);
+        pthread_cond_destroy(&nd->cv);
+        free(nd);
+        return;
+    }
+    /* Named after the loop's thread: usage-1-nudge, inval-nudge. */
+    if (pthread_getname_np(pthread_self(), parent, sizeof(parent)) == 0) {
+        if (strncmp(parent, "usage-", 6) == 0)
+            snprintf(name, sizeof(name), "%.9s-nudge", parent);
+        else
+            snprintf(name, sizeof(name), "%.5s-nudge", parent);
+        pthread_setname_np(nd->thread, name);
+    }
+    pl->nudger = nd;
+}
+
+/* Before the consumer is closed: waits for a request under way (at most
+ * one ListOffsets round or one metadata lookup). */
+static void nudger_stop(pipeline_t *pl)
+{
+    struct nudger *nd = pl->nudger;
+
+    if (!nd)
+        return;
+    pthread_mutex_lock(&nd->mu);
+    nd->quit = true;
+    pthread_cond_broadcast(&nd->cv);
+    pthread_mutex_unlock(&nd->mu);
+    pthread_join(nd->thread, NULL);
+    pthread_mutex_destroy(&nd->mu);
+    pthread_cond_destroy(&nd->cv);
+    free(nd->want);
+    free(nd->leader_of);
+    free(nd);
+    pl->nudger = NULL;
+}
+
+/* Hands a nudge of the active partitions to the nudger, unless one is
+ * under way. Never waits for Kafka. */
+static void nudger_request(pipeline_t *pl)
+{
+    struct nudger *nd = pl->nudger;
+    int n = 0;
+
+    pthread_mutex_lock(&nd->mu);
+    if (nd->pending) {
+        pthread_mutex_unlock(&nd->mu);
+        return;
+    }
+    if (!nd->want) {
+        nd->want = malloc(((size_t)pl->parts.n + 1) * sizeof(*nd->want));
+        if (!nd->want)
+            abort();
+    }
+    for (int32_t i = 0; i < pl->parts.n; i++)
+        if (pl->parts.parts[i].state == PART_ACTIVE)
+            nd->want[n++] = i;
+    nd->n_want = n;
+    if (pl->leaders_stale)
+        nd->stale = true;
+    pl->leaders_stale = false;
+    nd->pending = n > 0;
+    if (nd->pending)
+        pthread_cond_broadcast(&nd->cv);
+    pthread_mutex_unlock(&nd->mu);
+}
+
 static void pipeline_nudge(pipeline_t *pl)
 {
     size_t len;
 
     /* The queue's length takes its lock: looked at every 64th poll,
      * not on every message. */
-    if (!pl->nudge || (++pl->nudge_polls & 63) != 0)
+    if (!pl->nudger || (++pl->nudge_polls & 63) != 0)
         return;
     if (!pl->consumer_q &&
         !(pl->consumer_q = rd_kafka_queue_get_consumer(pl->rk)))
@@ -460,18 +632,7 @@ static void pipeline_nudge(pipeline_t *pl)
     if (pl->q_peak < NUDGE_MIN_PEAK || len * 4 > pl->q_peak)
         return;
     pl->q_peak = len;
-    if (pl->leaders_stale)
-        pipeline_find_leaders(pl);
-    for (int k = 0; k < pl->n_nudge; k++) {
-        int64_t lo, hi;
-        int32_t p = pl->nudge_parts[k];
-        if (p >= pl->parts.n || pl->parts.parts[p].state != PART_ACTIVE)
-            continue;
-        rd_kafka_query_watermark_offsets(pl->rk, pl->parts.topic, p, &lo, &hi,
-                                         100);
-        if (pl->nudges)
-            metric_add(pl->nudges, 1);
-    }
+    nudger_request(pl);
 }
 
 int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
@@ -481,6 +642,8 @@ int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
     if (kafka_consumer_subscribe(pl->kc, pl->parts.topic, pipeline_rebalance,
                                  pl, errstr, errstr_size) == -1)
         goto out;
+    if (pl->nudge)
+        nudger_start(pl);
     while (!*pl->stop && !pl->fatal) {
         int timeout = pl->ops->prepare(pl->arg);
         int64_t t0 = pipeline_mono_ns();
@@ -511,8 +674,7 @@ int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
     if (pl->consumer_q)
         rd_kafka_queue_destroy(pl->consumer_q);
     pl->consumer_q = NULL;
-    free(pl->nudge_parts);
-    pl->nudge_parts = NULL;
+    nudger_stop(pl);
     log_info("%s: stopping: %s the open batch and leaving the group", pl->name,
              pl->fatal ? "abandoning" : "committing");
     pl->ops->finish(pl->arg, pl->fatal);

@@ -182,11 +182,10 @@ typedef struct {
     bool nudge;
     unsigned nudge_polls;
     rd_kafka_queue_t *consumer_q;
-    size_t q_peak;        /* messages queued at most since the last nudge */
-    int32_t *nudge_parts; /* one active partition per leader broker */
-    int n_nudge;
-    bool leaders_stale; /* the assignment changed: look them up again */
-    metric_t *nudges;   /* NULL, or counts the nudges */
+    size_t q_peak;          /* messages queued at most since the last nudge */
+    struct nudger *nudger;  /* the thread that sends them (pipeline_run) */
+    bool leaders_stale;     /* the assignment changed: look them up again */
+    metric_t *nudges;       /* NULL, or counts the nudges */
 } pipeline_t;
 
 /* Sets up `pl` for `topic` on `kc` (created, not subscribed; the run

@@ -721,7 +721,7 @@ static void consumer_abandon_batch(consumer_t *c, const char *why)
  * rebalance, the end), a batch sealed by --batch-ms or by
  * --batch-idle-ms (consumer_caught_up()): traffic is slower than a
  * batch, no reason to wait), the window full (--commit-batches) or open
- * for --batch-ms already, or messages of a failed window ahead. */
+ * for --commit-ms already, or messages of a failed window ahead. */
 static bool consumer_window_closes(const consumer_t *c, bool sync)
 {
     bool by_time = !batch_is_full(c->batch) &&
@@ -729,7 +729,7 @@ static bool consumer_window_closes(const consumer_t *c, bool sync)
                    c->batch_bytes < c->conf->batch_bytes;
     return sync || by_time || c->win_batches + 1 >= c->conf->commit_batches ||
            (c->win_batches > 0 &&
-            now_ms() - c->win_opened_ms >= c->conf->batch_ms) ||
+            now_ms() - c->win_opened_ms >= c->conf->commit_ms) ||
            consumer_alone(c);
 }
 
@@ -1218,9 +1218,11 @@ int usage_consumer_run(const usage_consumer_conf_t *conf, char *errstr,
     consumer_refresh_enums(&c);
 
     log_info("consuming %s as group %s (batches of %zu messages / %zu "
-             "bytes / %d ms, up to %zu per transaction; dead letters to %s)",
+             "bytes / %d ms, up to %zu or %d ms per transaction; dead "
+             "letters to %s)",
              conf->topic, conf->group, conf->batch_size, conf->batch_bytes,
-             conf->batch_ms, conf->commit_batches, conf->dlq_topic);
+             conf->batch_ms, conf->commit_batches, conf->commit_ms,
+             conf->dlq_topic);
     rc = pipeline_run(&c.pl, errstr, errstr_size);
     consumer_collect(&c, true);
     committer_stop(c.com);

@@ -25,6 +25,7 @@ typedef struct {
     int batch_ms;           /* a batch is closed this long after it opened */
     int batch_idle_ms;      /* or once caught up and idle this long (0: no) */
     size_t commit_batches;  /* batches per Postgres transaction at most */
+    int commit_ms;          /* ... and open this long at most */
     size_t window_buckets;  /* a transaction commits past this many daily
                              * sums held in memory (0: no bound) */
     int dedupe_days;

@@ -92,10 +92,12 @@ static const opt_def_t worker_opts[] = {
      "MS",
      "close a batch sooner once every partition is read to its end and no "
      "message came for this long (0: only by --batch-ms)"},
-    {"commit-batches", "TALLY_COMMIT_BATCHES", OPT_INT, "10", 1, 48, NULL, "N",
+    {"commit-batches", "TALLY_COMMIT_BATCHES", OPT_INT, "20", 1, 48, NULL, "N",
      "batches per Postgres transaction while a backlog lasts (their sums "
      "upserted once); a batch closed by --batch-ms or --batch-idle-ms "
      "commits at once"},
+    {"commit-ms", "TALLY_COMMIT_MS", OPT_INT, "1000", 1, 600000, NULL, "MS",
+     "commit a transaction of several batches once open this long"},
     {"dedupe-days", "TALLY_DEDUPE_DAYS", OPT_INT, "35", 1, 3650, NULL, "DAYS",
      "dedupe window; older events are rejected"},
     {"max-message-bytes", "TALLY_MAX_MESSAGE_BYTES", OPT_INT, "1048576", 64,
@@ -292,6 +294,7 @@ static void *usage_thread(void *arg)
     cc.batch_ms = (int)config_int(cfg, "batch-ms");
     cc.batch_idle_ms = (int)config_int(cfg, "batch-idle-ms");
     cc.commit_batches = (size_t)config_int(cfg, "commit-batches");
+    cc.commit_ms = (int)config_int(cfg, "commit-ms");
     cc.window_buckets = usage_window_buckets(cfg);
     cc.dedupe_days = (int)config_int(cfg, "dedupe-days");
     cc.max_message_bytes = (size_t)config_int(cfg, "max-message-bytes");
