@@ -23,6 +23,7 @@ typedef struct {
 
 struct dead_letter {
     rd_kafka_t *rk;
+    rd_kafka_topic_t *rkt; /* dead_letter_prepare(): kept while we run */
     /* Written by the delivery report callback (called from our polls). */
     atomic_ulong failed;
     atomic_ulong acked;
@@ -186,6 +187,8 @@ void dead_letter_destroy(dead_letter_t *dl)
 {
     if (!dl)
         return;
+    if (dl->rkt)
+        rd_kafka_topic_destroy(dl->rkt);
     if (dl->rk) {
         rd_kafka_flush(dl->rk, 10000);
         rd_kafka_destroy(dl->rk); /* reports (and frees) what was left */
@@ -193,6 +196,12 @@ void dead_letter_destroy(dead_letter_t *dl)
     pthread_mutex_destroy(&dl->mu);
     free(dl->sent);
     free(dl);
+}
+
+void dead_letter_prepare(dead_letter_t *dl, const char *dlq_topic)
+{
+    if (!dl->rkt)
+        dl->rkt = rd_kafka_topic_new(dl->rk, dlq_topic, NULL);
 }
 
 int dead_letter_send(dead_letter_t *dl, const rd_kafka_message_t *rkm,

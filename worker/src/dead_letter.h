@@ -19,6 +19,12 @@ dead_letter_t *dead_letter_new(const config_t *cfg, const char *brokers,
                                size_t errstr_size);
 void dead_letter_destroy(dead_letter_t *dl);
 
+/* Looks up `dlq_topic` in the background (its leader), so that the
+ * first dead letter does not wait for that round trip: without it, the
+ * first flush of each member took 0.4-0.9 s at the start of a backlog,
+ * while its committer had nothing to do. */
+void dead_letter_prepare(dead_letter_t *dl, const char *dlq_topic);
+
 /* Queues `rkm` (key, value, timestamp kept; value cut to max_bytes with
  * header tally.error.truncated) for `dlq_topic` with the contract's
  * tally.error.* headers. Returns 0 when queued; 1 when this process

@@ -744,8 +744,16 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
     committer_job_t *job = &c->job;
     char err[512];
     size_t n = 0;
-    int64_t t0 = pipeline_mono_ns();
+    int dlq_rc = 0;
+    int64_t t0;
 
+    /* The batch's dead letters are acknowledged while the committer is
+     * still busy with the previous batch, not after it (the committer
+     * would wait for the round trip). */
+    if (c->batch_msgs > 0 && c->batch_dlq > 0)
+        dlq_rc = dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err,
+                                   sizeof(err));
+    t0 = pipeline_mono_ns();
     consumer_collect(c, true); /* the previous one first, in order */
     metric_add(c->m.commit_wait_ns, (uint64_t)(pipeline_mono_ns() - t0));
     if (c->batch_msgs == 0) {
@@ -753,8 +761,7 @@ static int consumer_commit_batch(consumer_t *c, bool sync)
             consumer_settle(c, true);
         return 0;
     }
-    if (c->batch_dlq > 0 &&
-        dead_letter_flush(c->conf->dlq, DLQ_FLUSH_MS, err, sizeof(err)) == -1) {
+    if (dlq_rc == -1) {
         consumer_abandon_batch(c, err);
         /* Kafka trouble: back off before claiming and consuming again. */
         consumer_pg_failed(c, "dead letters not acknowledged", err);

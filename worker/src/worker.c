@@ -457,10 +457,12 @@ static int create_pipelines(config_t *cfg, worker_pipe_t *pipes, size_t *n,
         pl->dlq = dead_letter_new(cfg, config_str(cfg, "brokers"),
                                   (size_t)config_int(cfg, "max-message-bytes"),
                                   err, sizeof(err));
-        if (pl->dlq)
+        if (pl->dlq) {
+            dead_letter_prepare(pl->dlq, pl->dlq_topic);
             pl->kc = kafka_consumer_new(
                 cfg, config_str(cfg, "brokers"), pl->group,
                 pl->usage ? usage_defaults : inv_defaults, err, sizeof(err));
+        }
         if (!pl->dlq || !pl->kc) {
             fprintf(stderr, "tally worker: %s\n", err);
             return 2;
