@@ -21,6 +21,9 @@
 # the broker dropped anything. BENCH_PARTITIONER=random spreads the
 # backlog at random instead (duplicates then cross partitions, which the
 # dedupe store handles; the members' sums rows overlap).
+# BENCH_TENANTS sets the number of tenants (default 3000; e.g. 200000
+# makes nearly every event a daily bucket of its own, so that every
+# transaction holds the most sums the worker keeps in memory).
 # BENCH_PG_OPTS adds Postgres settings ("-c name=value ...", e.g. "-c
 # wal_init_zero=on" for a new cluster's default).
 # BENCH_WRAP runs the worker under a wrapper (e.g. "valgrind --tool=massif
@@ -156,7 +159,7 @@ PEER
 # ---- end of peer -----------------------------------------------------------
 
 echo "== generating $events events"
-"$GEN" --count "$events" --tenants 3000 --seed 11 --dup-rate 0.05 \
+"$GEN" --count "$events" --tenants "${BENCH_TENANTS:-3000}" --seed 11 --dup-rate 0.05 \
   --bad-rate "${BENCH_BAD_RATE:-0.001}" \
   --expect "$dir/expect" >"$dir/events.jsonl"
 lines=$(awk '$1 == "lines" { print $2 }' "$dir/expect.summary")
