@@ -86,7 +86,7 @@ it_worker_start() {
   shift
   [ -n "${IT_WORKER_WRAPPER:-}" ] && read -ra wrapper <<<"$IT_WORKER_WRAPPER"
   "${wrapper[@]}" "$TALLY" worker --metrics-addr "" --batch-ms 200 \
-    "${IT_KAFKA_ARGS[@]}" "$@" >>"$IT_DIR/$name.log" 2>&1 &
+    --commit-ms 200 "${IT_KAFKA_ARGS[@]}" "$@" >>"$IT_DIR/$name.log" 2>&1 &
   echo $! >"$IT_DIR/$name.pid"
   IT_WORKERS+=("$name")
 }

@@ -64,7 +64,8 @@ it_worker_kill9 w1
 step "b. Kafka's committed offsets ahead of Postgres's"
 gen b 20000 52
 it_produce "$IT_DIR/b.jsonl"
-it_worker_start w2 --batch-size 1000 --batch-ms 100 "${session[@]}"
+it_worker_start w2 --batch-size 1000 --batch-ms 100 --commit-ms 100 \
+  "${session[@]}"
 it_wait_progress 5000 60 >/dev/null
 it_worker_kill9 w2
 at=$(it_committed)
@@ -96,7 +97,8 @@ EOF
 sleep 7 # its session expires
 echo "    Postgres at $at of 25000; Kafka's group offsets moved to the end"
 it_merge_expect "$IT_DIR/ab.expect" "$IT_DIR/a.expect" "$IT_DIR/b.expect"
-it_worker_start w3 --batch-size 1000 --batch-ms 100 "${session[@]}"
+it_worker_start w3 --batch-size 1000 --batch-ms 100 --commit-ms 100 \
+  "${session[@]}"
 it_wait_consumed 25000 90
 it_assert_sums "$IT_DIR/ab.expect"
 

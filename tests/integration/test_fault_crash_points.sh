@@ -20,7 +20,7 @@ it_produce "$IT_DIR/events.jsonl"
 
 # A transaction per batch (--commit-batches 1): the points land on
 # batches; test_worker_window_kill9.sh has them inside windows.
-args=(--batch-size 1000 --batch-ms 100 --commit-batches 1
+args=(--batch-size 1000 --batch-ms 100 --commit-ms 100 --commit-batches 1
   -X session.timeout.ms=3000)
 step "kill -9 right after the third Postgres commit, before the Kafka commit"
 it_crash_at a1 after-pg-commit:3 "${args[@]}"

@@ -42,7 +42,7 @@ want_tokens=$((GOOD * (GOOD + 1) / 2))
 
 step "produce them in a trickle; terminate the worker's Postgres connections"
 step "every second meanwhile (batches are rewound and consumed again)"
-it_worker_start w1 --batch-size 50 --batch-ms 100
+it_worker_start w1 --batch-size 50 --batch-ms 100 --commit-ms 100
 it_wait_log w1 "rebalance \(token-usage\): assigned [1-9]" 30
 it_produce_trickle "$IT_DIR/events.jsonl" 60 1
 kills=0

@@ -16,7 +16,7 @@ total=$(it_summary "$IT_DIR/expect.summary" lines)
 
 step "a worker losing the connection during every 4th COMMIT"
 TALLY_TEST_FAULT='commit-lost:*4' it_worker_start w1 --batch-size 1000 \
-  --batch-ms 100
+  --batch-ms 100 --commit-ms 100
 it_wait_log w1 "rebalance \(token-usage\): assigned [1-9]" 30
 it_produce_trickle "$IT_DIR/events.jsonl" 3000 1
 

@@ -17,7 +17,8 @@ it_setup "$1" "$2" 8
 # members at the same time.
 awk 'NR % 3 == 0' "$IT_DIR/events.jsonl" >"$IT_DIR/replay.jsonl"
 total=$(($(wc -l <"$IT_DIR/events.jsonl") + $(wc -l <"$IT_DIR/replay.jsonl")))
-short=(-X session.timeout.ms=3000 --batch-size 1000 --batch-ms 100)
+short=(-X session.timeout.ms=3000 --batch-size 1000 --batch-ms 100
+  --commit-ms 100)
 
 step "one process with --consumers 3"
 port=$(it_free_port)

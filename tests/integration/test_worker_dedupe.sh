@@ -50,16 +50,20 @@ settled() {
 }
 
 # ====================================================================
-step "1. implicit keys: 40000 events without idempotency_key, kill -9 twice"
-"$TALLY_GEN" --count 40000 --seed 51 --tenants 200 --dup-rate 0 \
+# Enough that a worker cannot finish them between a kill and the next
+# (40,000 did not: the second kill landed after the end).
+IMPLICIT=100000
+step "1. implicit keys: $IMPLICIT events without idempotency_key, kill -9 twice"
+"$TALLY_GEN" --count "$IMPLICIT" --seed 51 --tenants 200 --dup-rate 0 \
   --implicit-rate 1 --expect "$IT_DIR/expect_implicit" >"$IT_DIR/implicit.jsonl"
-[ "$(it_summary "$IT_DIR/expect_implicit.summary" implicit)" = 40000 ] ||
-  fail "tally-gen did not write 40000 implicit events"
+[ "$(it_summary "$IT_DIR/expect_implicit.summary" implicit)" = "$IMPLICIT" ] ||
+  fail "tally-gen did not write $IMPLICIT implicit events"
 # Two identical messages without key: two offsets, two events.
 { ev t-twice - 5; ev t-twice - 5; } >"$IT_DIR/twice.jsonl"
 send "$IT_DIR/implicit.jsonl"
 send "$IT_DIR/twice.jsonl"
-kargs=(--batch-size 1000 --batch-ms 100 -X session.timeout.ms=3000)
+kargs=(--batch-size 1000 --batch-ms 100 --commit-ms 100
+  -X session.timeout.ms=3000)
 it_worker_start wk "${kargs[@]}"
 prev=0
 for k in 1 2; do
@@ -75,8 +79,9 @@ it_worker_stop wk
 implicit_tokens=$(it_summary "$IT_DIR/expect_implicit.summary" tokens)
 got=$(it_sql "SELECT count(*) || ' ' || sum(tokens) FROM tally.token_usage_events
               WHERE idempotency_key LIKE 'kafka:token-usage:%'")
-[ "$got" = "40002 $((implicit_tokens + 10))" ] ||
-  fail "implicit-key events/tokens are $got, expected 40002 $((implicit_tokens + 10))"
+[ "$got" = "$((IMPLICIT + 2)) $((implicit_tokens + 10))" ] ||
+  fail "implicit-key events/tokens are $got, expected $((IMPLICIT + 2))" \
+    "$((implicit_tokens + 10))"
 expect_tenant t-twice 2 10 "two identical messages without key"
 # A replay of the whole topic through a new group (earliest, the default)
 # reads every message and counts none of them again. The backlog is there
@@ -92,7 +97,8 @@ m=$(it_metric "127.0.0.1:$port" tally_usage_messages_total)
 m=$(it_metric "127.0.0.1:$port" tally_usage_events_counted_total)
 [ "$m" = 0 ] || fail "the replay counted $m events again"
 got=$(it_sql "SELECT count(*) FROM tally.token_usage_events")
-[ "$got" = 40002 ] || fail "the replay changed the dedupe store: $got events"
+[ "$got" = $((IMPLICIT + 2)) ] ||
+  fail "the replay changed the dedupe store: $got events"
 it_worker_stop wr
 
 # ====================================================================

@@ -31,7 +31,8 @@ step "start a worker; kill -9 it $KILLS times at random moments mid-run"
 # with a commit in flight, between commits). A short session: a restart
 # waits for the killed member's session to expire before it gets the
 # partitions back.
-worker_args=(--batch-size 2000 --batch-ms 100 -X session.timeout.ms=3000)
+worker_args=(--batch-size 2000 --batch-ms 100 --commit-ms 100
+  -X session.timeout.ms=3000)
 it_worker_start w1 "${worker_args[@]}"
 prev=0
 for k in $(seq 1 "$KILLS"); do

@@ -40,7 +40,7 @@ progress_alive() {
 }
 
 # Small batches: more commits in flight when Postgres goes.
-it_worker_start w1 --batch-size 2000 --batch-ms 100
+it_worker_start w1 --batch-size 2000 --batch-ms 100 --commit-ms 100
 outage=0
 for mode in fast immediate; do
   outage=$((outage + 1))

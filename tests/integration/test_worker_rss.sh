@@ -31,7 +31,10 @@ awk -v n="$INVALIDATIONS" 'BEGIN { for (i = 0; i < n; i++)
 
 step "one worker, both pipelines, --consumers 2, drains both"
 port=$(it_free_port)
-it_worker_start w1 --consumers 2 --metrics-addr "127.0.0.1:$port"
+# The worker's own --batch-ms and --commit-ms (it_worker_start's are
+# shorter): the largest windows, the most sums held.
+it_worker_start w1 --consumers 2 --metrics-addr "127.0.0.1:$port" \
+  --batch-ms 500 --commit-ms 1000
 pid=$(it_worker_pid w1)
 it_wait_consumed "$lines" 300
 for _ in $(seq 1 600); do

@@ -25,8 +25,8 @@ total=$(it_summary "$IT_DIR/expect.summary" lines)
 events=$(it_summary "$IT_DIR/expect.summary" events)
 it_produce "$IT_DIR/events.jsonl"
 
-# Windows of 8 batches of 1,000 messages; --batch-ms and --commit-ms long enough that
-# batches close by size while the backlog lasts. A short session: a
+# Windows of 8 batches of 1,000 messages; --batch-ms and --commit-ms
+# long enough that batches close by size while the backlog lasts. A short session: a
 # restart gets the partitions back soon after a kill.
 args=(--batch-size 1000 --commit-batches 8 --batch-ms 3000 --commit-ms 3000
   -X session.timeout.ms=3000)

@@ -18,8 +18,6 @@ typedef struct {
     size_t source_off;     /* arena: "topic/partition/offset\0" */
     size_t row_off;        /* its row in `rows` */
     size_t row_len;
-    size_t key_row_off;    /* its row in `keys` */
-    size_t key_row_len;
     size_t reject_off;     /* arena: why Postgres rejected it */
     uint32_t bucket;       /* its daily bucket in `agg` */
     bool counted_before;   /* found in the dedupe store */
@@ -38,7 +36,6 @@ struct batch {
     uint32_t *event_slots;
     size_t slots_mask;
     copy_buf_t arena; /* the strings the table refers to */
-    copy_buf_t keys;  /* COPY rows of the keys, for the dedupe check */
     copy_buf_t rows;  /* COPY rows of the events table */
     size_t *sorted; /* seqs by (tenant_id, idempotency_key), on demand */
     size_t n_sorted;
@@ -74,7 +71,6 @@ void batch_free(batch_t *b)
     agg_free(b->agg);
     free(b->event_slots);
     copy_buf_free(&b->arena);
-    copy_buf_free(&b->keys);
     copy_buf_free(&b->rows);
     free(b->sorted);
     free(b);
@@ -86,7 +82,6 @@ void batch_clear(batch_t *b)
     b->n_events = 0;
     agg_clear(b->agg);
     b->arena.len = 0;
-    b->keys.len = 0;
     b->rows.len = 0;
     b->n_sorted = 0;
 }
@@ -112,29 +107,17 @@ static uint32_t batch_bucket_of(batch_t *b, const usage_event_t *ev)
     return agg_bucket(b->agg, parts, rfc3339_day_of(ev->occurred_at_us));
 }
 
-/* Appends the event's key row and events-table row. */
-static void batch_stage_row(batch_t *b, batch_event_t *e, size_t seq,
+/* Appends the event's events-table row. */
+static void batch_stage_row(batch_t *b, batch_event_t *e,
                             const usage_event_t *ev, const char *source)
 {
-    copy_buf_t *k = &b->keys, *s = &b->rows;
+    copy_buf_t *s = &b->rows;
     const int64_t nums[] = {ev->tokens, ev->prompt_tokens,
                             ev->completion_tokens, ev->thoughts_tokens,
                             ev->cached_tokens};
     const char *ids[] = {ev->agent_id, ev->conversation_id,
                          ev->collection_id, ev->owner_tenant_id};
     char ts[32];
-
-    e->key_row_off = k->len;
-    copy_buf_put_i64(k, (int64_t)seq);
-    copy_buf_putc(k, '\t');
-    copy_buf_put_str(k, ev->tenant_id, strlen(ev->tenant_id), false);
-    copy_buf_putc(k, '\t');
-    copy_buf_put_str(k, ev->idempotency_key, strlen(ev->idempotency_key),
-                     false);
-    copy_buf_putc(k, '\t');
-    copy_buf_put_i64(k, (int64_t)ev->payload_hash);
-    copy_buf_putc(k, '\n');
-    e->key_row_len = k->len - e->key_row_off;
 
     e->row_off = s->len;
     copy_buf_put_str(s, ev->tenant_id, strlen(ev->tenant_id), false);
@@ -205,7 +188,7 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
     e->sums[2] = ev->completion_tokens;
     e->sums[3] = ev->thoughts_tokens;
     e->sums[4] = ev->cached_tokens;
-    batch_stage_row(b, e, b->n_events, ev, source);
+    batch_stage_row(b, e, ev, source);
     b->event_slots[slot] = (uint32_t)++b->n_events;
     return BATCH_ADDED;
 }
@@ -213,14 +196,9 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 /* ---------------------------------------------------------------- */
 /* Reading back                                                       */
 
-const char *batch_key_row(const batch_t *b, size_t seq, size_t *len)
+uint64_t batch_event_hash(const batch_t *b, size_t seq)
 {
-    if (seq >= b->n_events) {
-        *len = 0;
-        return "";
-    }
-    *len = b->events[seq].key_row_len;
-    return b->keys.data + b->events[seq].key_row_off;
+    return seq < b->n_events ? b->events[seq].payload_hash : 0;
 }
 
 /* Bytewise order of "tenant\0key\0", as COLLATE "C" compares them. */

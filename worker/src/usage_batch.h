@@ -33,10 +33,9 @@ batch_add_result_t batch_add(batch_t *b, const usage_event_t *ev,
 size_t batch_count(const batch_t *b); /* distinct events held */
 bool batch_is_full(const batch_t *b);
 
-/* The key of event `seq` as one COPY text row (seq, tenant_id,
- * idempotency_key, payload_hash): what the dedupe check needs. Rows of
- * consecutive seqs are contiguous. Valid until the next batch_add/clear. */
-const char *batch_key_row(const batch_t *b, size_t seq, size_t *len);
+/* The fingerprint of event `seq`'s payload (the dedupe check compares it
+ * with the stored one's: a key reused with another payload). */
+uint64_t batch_event_hash(const batch_t *b, size_t seq);
 
 /* The seqs of the batch's events ordered by (tenant_id, idempotency_key)
  * bytewise, computed once per batch: inserting in this one order
