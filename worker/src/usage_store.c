@@ -175,6 +175,20 @@ static int store_exec(store_t *st, const char *sql, char *errstr,
     return rc;
 }
 
+/* `res` if its status is `want`; otherwise NULL (res cleared), with
+ * errstr "what: message" and the SQLSTATE noted. */
+static PGresult *store_checked(store_t *st, PGresult *res, const char *what,
+                               ExecStatusType want, char *errstr,
+                               size_t errstr_size)
+{
+    if (PQresultStatus(res) == want)
+        return res;
+    store_error(errstr, errstr_size, what, PQresultErrorMessage(res));
+    store_note_sqlstate(st, res);
+    PQclear(res);
+    return NULL;
+}
+
 /* Runs `sql` (with n_params text parameters) and returns its result if
  * its status is `want`; otherwise NULL, with errstr "what: message". The
  * caller PQclear()s the result, and recovers the connection on failure. */
@@ -187,12 +201,7 @@ static PGresult *store_query(store_t *st, const char *what, const char *sql,
                         ? PQexecParams(st->conn, sql, n_params, NULL, params,
                                        NULL, NULL, 0)
                         : PQexec(st->conn, sql);
-    if (PQresultStatus(res) == want)
-        return res;
-    store_error(errstr, errstr_size, what, PQresultErrorMessage(res));
-    store_note_sqlstate(st, res);
-    PQclear(res);
-    return NULL;
+    return store_checked(st, res, what, want, errstr, errstr_size);
 }
 
 /* A statement with parameters in the binary format (see pg_array_t). */
@@ -211,12 +220,7 @@ static PGresult *store_query_bin(store_t *st, const char *what,
         formats[i] = 1;
     res = PQexecParams(st->conn, sql, n_params, types, values, lengths,
                        formats, 0);
-    if (PQresultStatus(res) == want)
-        return res;
-    store_error(errstr, errstr_size, what, PQresultErrorMessage(res));
-    store_note_sqlstate(st, res);
-    PQclear(res);
-    return NULL;
+    return store_checked(st, res, what, want, errstr, errstr_size);
 }
 
 /* A one-dimensional array without NULLs in Postgres's binary format
