@@ -242,8 +242,11 @@ static size_t usage_batch_size(const config_t *cfg)
 }
 
 /* The daily sums a transaction of several batches holds in memory
- * (about 140 bytes each), shared by the members like the batch. */
-#define WINDOW_BUCKETS 50000
+ * (about 140 bytes each, and their COPY rows at the commit), shared by
+ * the members like the batch. 50,000 peaked at 60 MiB with both
+ * pipelines and two members on a mix where nearly every event is a sum
+ * of its own (bench.sh, BENCH_TENANTS=200000); 40,000 at 52-55. */
+#define WINDOW_BUCKETS 40000
 #define MEMBER_WINDOW_BUCKETS_MIN 10000
 static size_t usage_window_buckets(const config_t *cfg)
 {
