@@ -423,7 +423,7 @@ struct nudger {
     bool pending;       /* a request is waiting or under way */
     bool stale;         /* the assignment changed: look the leaders up */
     int32_t *want;      /* the request: the active partitions */
-    int n_want;
+    int n_want, want_cap;
     int32_t *leader_of; /* by partition, from the last metadata */
     int n_leader_of;
 };
@@ -597,10 +597,13 @@ static void nudger_request(pipeline_t *pl)
         pthread_mutex_unlock(&nd->mu);
         return;
     }
-    if (!nd->want) {
-        nd->want = malloc(((size_t)pl->parts.n + 1) * sizeof(*nd->want));
-        if (!nd->want)
+    if (pl->parts.n > nd->want_cap) {
+        /* The table grows with the partitions the topic gains. */
+        int32_t *w = realloc(nd->want, (size_t)pl->parts.n * sizeof(*w));
+        if (!w)
             abort();
+        nd->want = w;
+        nd->want_cap = pl->parts.n;
     }
     for (int32_t i = 0; i < pl->parts.n; i++)
         if (pl->parts.parts[i].state == PART_ACTIVE)
