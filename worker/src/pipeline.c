@@ -440,7 +440,8 @@ static int nudger_find_leaders(struct nudger *nd)
         return -1;
     if (rd_kafka_metadata(nd->rk, 0, rkt, &md, NUDGE_METADATA_MS) ==
             RD_KAFKA_RESP_ERR_NO_ERROR &&
-        md->topic_cnt == 1) {
+        md->topic_cnt == 1 && !md->topics[0].err &&
+        md->topics[0].partition_cnt > 0) {
         int n = md->topics[0].partition_cnt;
         free(nd->leader_of);
         nd->leader_of = malloc(((size_t)n + 1) * sizeof(*nd->leader_of));
@@ -468,6 +469,8 @@ static void nudger_nudge(struct nudger *nd, const int32_t *want, int n_want)
 {
     int32_t *leaders = malloc(((size_t)n_want + 1) * sizeof(*leaders));
     int n_leaders = 0;
+    bool quit;
+    rd_kafka_resp_err_t err;
 
     if (!leaders)
         abort();
@@ -483,10 +486,23 @@ static void nudger_nudge(struct nudger *nd, const int32_t *want, int n_want)
         if (seen || leader < 0)
             continue;
         leaders[n_leaders++] = leader;
-        rd_kafka_query_watermark_offsets(nd->rk, nd->topic, p, &lo, &hi,
-                                         NUDGE_QUERY_MS);
+        pthread_mutex_lock(&nd->mu);
+        quit = nd->quit;
+        pthread_mutex_unlock(&nd->mu);
+        if (quit)
+            break; /* stopping: the other leaders can do without */
+        /* librdkafka 2.0.2 waits for the reply whatever the timeout
+         * (fixed in 2.3): behind a held fetch, up to fetch.wait.max.ms. */
+        err = rd_kafka_query_watermark_offsets(nd->rk, nd->topic, p, &lo,
+                                               &hi, NUDGE_QUERY_MS);
         if (nd->nudges)
             metric_add(nd->nudges, 1);
+        if (err && err != RD_KAFKA_RESP_ERR__TIMED_OUT) {
+            /* A leader that moved, a broker gone: look them up again. */
+            pthread_mutex_lock(&nd->mu);
+            nd->stale = true;
+            pthread_mutex_unlock(&nd->mu);
+        }
     }
     free(leaders);
 }
@@ -564,9 +580,9 @@ static void nudger_start(pipeline_t *pl)
     pl->nudger = nd;
 }
 
-/* Before the consumer is closed: waits for a request under way (at most
- * one ListOffsets round or one metadata lookup). */
-static void nudger_stop(pipeline_t *pl)
+/* Tells the nudger to stop, without waiting: the open batch is
+ * committed meanwhile. */
+static void nudger_quit(pipeline_t *pl)
 {
     struct nudger *nd = pl->nudger;
 
@@ -576,6 +592,17 @@ static void nudger_stop(pipeline_t *pl)
     nd->quit = true;
     pthread_cond_broadcast(&nd->cv);
     pthread_mutex_unlock(&nd->mu);
+}
+
+/* Before the consumer is closed: waits for the request under way (one
+ * ListOffsets round trip, or one metadata lookup), then frees it all. */
+static void nudger_stop(pipeline_t *pl)
+{
+    struct nudger *nd = pl->nudger;
+
+    if (!nd)
+        return;
+    nudger_quit(pl);
     pthread_join(nd->thread, NULL);
     pthread_mutex_destroy(&nd->mu);
     pthread_cond_destroy(&nd->cv);
@@ -677,10 +704,11 @@ int pipeline_run(pipeline_t *pl, char *errstr, size_t errstr_size)
     if (pl->consumer_q)
         rd_kafka_queue_destroy(pl->consumer_q);
     pl->consumer_q = NULL;
-    nudger_stop(pl);
+    nudger_quit(pl);
     log_info("%s: stopping: %s the open batch and leaving the group", pl->name,
              pl->fatal ? "abandoning" : "committing");
     pl->ops->finish(pl->arg, pl->fatal);
+    nudger_stop(pl);
     kafka_consumer_close(pl->kc); /* the last revocation comes here */
     pl->kc = NULL;
     pl->rk = NULL;
