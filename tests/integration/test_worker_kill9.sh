@@ -40,7 +40,9 @@ for k in $(seq 1 "$KILLS"); do
   # partitions back (the killed member's session had to expire first)
   # and committed more; then a moment placed by progress
   # (it_progress_moment), not by time.
-  read -r moved step_msgs delay_ms <<<"$(it_progress_moment "$prev" "$total")"
+  # An assignment, so that a failure inside (no progress) fails the test.
+  moment=$(it_progress_moment "$prev" "$total")
+  read -r moved step_msgs delay_ms <<<"$moment"
   at=$(it_committed)
   [ "$at" -lt "$total" ] ||
     fail "kill $k would land after the end ($at of $total committed): " \

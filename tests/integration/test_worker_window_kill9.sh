@@ -60,7 +60,9 @@ TALLY_TEST_FAULT=commit-lost:1 it_worker_start w3 "${args[@]}"
 it_wait_log w3 "connection lost during COMMIT" 60
 prev=$at
 for k in $(seq 1 "$KILLS"); do
-  read -r moved step_msgs delay_ms <<<"$(it_progress_moment "$prev" "$total")"
+  # An assignment, so that a failure inside (no progress) fails the test.
+  moment=$(it_progress_moment "$prev" "$total")
+  read -r moved step_msgs delay_ms <<<"$moment"
   at=$(it_committed)
   [ "$at" -lt "$total" ] ||
     fail "kill $k would land after the end ($at of $total committed)"

@@ -1163,9 +1163,12 @@ static int consumer_prepare(void *arg)
 static void consumer_tick(void *arg)
 {
     consumer_t *c = arg;
+    /* Nothing more came, or the window is open for --commit-ms while a
+     * batch fills slowly (it is not in the transaction): commit. */
     if (consumer_collect(c, false) && c->win_batches > 0 &&
-        c->batch_msgs == 0)
-        consumer_window_end(c, true); /* nothing more came: commit */
+        (c->batch_msgs == 0 ||
+         now_ms() - c->win_opened_ms >= c->conf->commit_ms))
+        consumer_window_end(c, true);
     if (consumer_batch_due(c))
         consumer_commit_batch(c, false);
     consumer_progress(c);

@@ -1,6 +1,7 @@
 /* Postgres: migrations, enums, partition claims and batch commits (libpq). */
 #include "usage_store.h"
 
+#include <arpa/inet.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -239,9 +240,8 @@ static PGresult *store_query_bin(store_t *st, const char *what,
 
 static void pg_put_u32(copy_buf_t *b, uint32_t v)
 {
-    unsigned char x[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16),
-                          (unsigned char)(v >> 8), (unsigned char)v};
-    copy_buf_put(b, x, 4);
+    uint32_t be = htonl(v);
+    copy_buf_put(b, &be, 4);
 }
 
 /* Starts an array of `elem_oid` elements (its length is set by
@@ -281,12 +281,8 @@ static void pg_array_put_i64(pg_array_t *a, int64_t v)
 
 static void pg_array_end(pg_array_t *a)
 {
-    uint32_t n = (uint32_t)a->n;
-    unsigned char *p = (unsigned char *)a->buf.data + 12;
-    p[0] = (unsigned char)(n >> 24);
-    p[1] = (unsigned char)(n >> 16);
-    p[2] = (unsigned char)(n >> 8);
-    p[3] = (unsigned char)n;
+    uint32_t be = htonl((uint32_t)a->n);
+    memcpy(a->buf.data + 12, &be, 4); /* the dimension's length */
 }
 
 /* After a failure: roll back if the connection still works, drop it
